@@ -1,0 +1,133 @@
+"""The Transformer: embedding, n_layers blocks (first n_dense_layers dense, the rest MoE), head.
+
+Shapes: B batch, S sequence, D model dim, V vocabulary.
+
+forward(tokens_BS, targets_BS=None) returns (logits_BSV, losses) where losses holds the
+balancing terms of every MoE layer ("aux", "seq_aux", "z": each already times its
+coefficient) and, given targets, "ce", "mtp" (when n_mtp > 0) and their sum "loss".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.attention import RMSNorm, build_attention
+from moe.config import ModelConfig
+from moe.layer import MLP, MoE
+from moe.rope import rope_tables
+
+IGNORE_INDEX = -100  # targets with this value add no loss
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, use_moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if use_moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: dict | None = None, start_pos: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, start_pos)
+        h = self.ffn(self.ffn_norm(x_BSD))
+        h, losses = h if isinstance(h, tuple) else (h, {})
+        return x_BSD + h, losses
+
+
+def add_losses(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for k, v in new.items():
+        total[k] = total[k] + v if k in total else v
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from moe.mtp import MTPModule  # mtp builds on Block
+
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, use_moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.n_mtp))
+        rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.mha_head_dim
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every matrix ~ N(0, init_std); residual output projections scaled by 1/sqrt(2 n_layers).
+
+        Routers are random too: a zero router scores every expert alike and top-k would
+        then pick by index, not by token.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # RMSNorm weights stay at 1
+            is_out = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
+            nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[dict]:
+        """An empty KV cache per block (MLA caches only the latent and the RoPE key)."""
+        max_len = max_len or self.cfg.max_seq_len
+        device = self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return [blk.attn.new_cache(batch, max_len, device, dtype) for blk in self.layers]
+
+    def check_tokens(self, tokens_BS: torch.Tensor, start_pos: int = 0) -> None:
+        if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor of shape (batch, seq), got "
+                             f"{tokens_BS.dtype} of shape {tuple(tokens_BS.shape)}")
+        if start_pos + tokens_BS.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start_pos + tokens_BS.shape[1]} exceeds "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+        if tokens_BS.is_meta or tokens_BS.numel() == 0 or torch.compiler.is_compiling():
+            return
+        lo, hi = int(tokens_BS.min()), int(tokens_BS.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={self.cfg.vocab_size}), got ids "
+                             f"from {lo} to {hi}")
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                cache: list[dict] | None = None, start_pos: int = 0,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.check_tokens(tokens_BS, start_pos)
+        S = tokens_BS.shape[1]
+        cos = self.rope_cos[start_pos:start_pos + S]
+        sin = self.rope_sin[start_pos:start_pos + S]
+        h_BSD = self.embed(tokens_BS)
+        losses: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.layers):
+            h_BSD, block_losses = block(h_BSD, cos, sin, None if cache is None else cache[i], start_pos)
+            add_losses(losses, block_losses)
+        logits_BSV = self.head(self.norm(h_BSD))
+        if targets_BS is None:
+            return logits_BSV, losses
+
+        balance_terms = sum(losses.values()) if losses else 0.0
+        losses["ce"] = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(),
+                                       ignore_index=IGNORE_INDEX)
+        total = losses["ce"] + balance_terms
+        if len(self.mtp):
+            from moe.mtp import mtp_loss
+
+            mtp, mtp_balance = mtp_loss(self, h_BSD, targets_BS, cos, sin)
+            losses["mtp"] = mtp
+            total = total + mtp + sum(mtp_balance.values())
+            for k, v in mtp_balance.items():
+                losses[k] = losses[k] + v if k in losses else v
+        losses["loss"] = total
+        return logits_BSV, losses

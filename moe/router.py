@@ -1,0 +1,73 @@
+"""Router: which experts each token goes to, and with what weight.
+
+Shapes: T tokens, D model dim, E routed experts, K experts per token (top-k),
+G expert groups.
+
+The whole rule, in fp32 (as DeepSeek-V3's `Gate`):
+  1. scores = softmax or sigmoid of x @ W_gate
+  2. selection scores = scores + correction bias (the bias picks WHICH experts, never the weights)
+  3. group-limited routing: a group's score is the sum of its top-2 selection scores (the max
+     when there is no bias); keep the best n_limited_groups groups, mask the rest with -inf
+  4. top-k on the selection scores; gather the weights from the UNBIASED scores; renormalise
+     if norm_topk_prob; multiply by route_scale
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig
+
+
+class Routing(NamedTuple):
+    weights_TK: torch.Tensor  # fp32 weight of each chosen expert
+    experts_TK: torch.Tensor  # int64 expert index, K distinct per token
+    scores_TE: torch.Tensor  # fp32 unbiased scores of every expert (for balance losses, plots)
+    logits_TE: torch.Tensor  # fp32 raw router logits (for the z-loss)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added for selection only,
+        # nudged outside the forward pass by moe.balance.update_bias. A buffer, not a parameter:
+        # no gradient ever reaches it.
+        if cfg.bias_update_speed > 0:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        T = x_TD.shape[0]
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+
+        select_TE = scores_TE if self.bias is None else scores_TE + self.bias
+
+        if cfg.n_expert_groups > 1:
+            select_TGe = select_TE.view(T, cfg.n_expert_groups, -1)
+            if self.bias is None:
+                group_scores_TG = select_TGe.amax(dim=-1)
+            else:
+                top2 = min(2, select_TGe.shape[-1])
+                group_scores_TG = select_TGe.topk(top2, dim=-1).values.sum(dim=-1)
+            keep_groups = group_scores_TG.topk(cfg.n_limited_groups, dim=-1).indices
+            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, keep_groups, True)
+            select_TE = select_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+
+        experts_TK = select_TE.topk(cfg.n_activated_experts, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        weights_TK = weights_TK * cfg.route_scale
+        return Routing(weights_TK, experts_TK, scores_TE, logits_TE)
