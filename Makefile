@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 lint: install
 	$(PY) -m ruff check moe tests experiments benchmarks
 
-# the whole suite, slow tests included (CI runs this)
+# the whole suite, slow tests and notebooks (executed by nbmake) included; CI runs this
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbmake tests notebooks
 
 # the quick loop while developing
 test-fast: lint
