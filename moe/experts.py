@@ -117,6 +117,7 @@ class Experts(nn.Module):
         x_ND = x_TD[d.order_N // K]  # each expert's tokens, contiguous
         y_ND = self.compute(x_ND, d.counts_E)
         # back to (token, k) order; dropped assignments stay zero
-        y_TKD = y_ND.new_zeros(T * K, y_ND.shape[-1]).index_copy(0, d.order_N, y_ND).view(T, K, -1)
+        D = x_TD.shape[-1]
+        y_TKD = y_ND.new_zeros(T * K, D).index_copy(0, d.order_N, y_ND).view(T, K, D)
         y_TD = torch.einsum("tkd,tk->td", y_TKD, weights_TK.to(y_TKD.dtype))
         return y_TD, d.counts_E, d.dropped
