@@ -350,10 +350,16 @@ def deepseek_v3_cost() -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- summary
-def summary(cfg: ModelConfig, context: int = 4096, kv_dtype: str = "bf16", tokens: float | None = None,
+def default_context(cfg: ModelConfig) -> int:
+    """4096 tokens (DeepSeek-V3's pre-training length), or max_seq_len when that is shorter."""
+    return min(4096, cfg.max_seq_len)
+
+
+def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16", tokens: float | None = None,
             gpu_hours: float | None = None, price: float = DEEPSEEK_V3_PRICE_PER_GPU_HOUR,
             card_gb: float = CONSUMER_CARD_GB, peak_tflops: float = H800_PEAK_BF16_TFLOPS) -> dict:
     """Everything the calculator prints, as one JSON-ready dict."""
+    context = default_context(cfg) if context is None else context
     if context <= 0:
         raise ValueError(f"--context must be a positive number of tokens, got {context}")
     if card_gb <= 0:
@@ -410,15 +416,14 @@ def summary(cfg: ModelConfig, context: int = 4096, kv_dtype: str = "bf16", token
 
 # ---------------------------------------------------------------------------- formatting
 def human(n: float, unit: str = "") -> str:
-    """671026419200 -> '671.03B'."""
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    """671026404352 -> '671.03B'; with a unit: 93.7e9, 'FLOP' -> '93.72 GFLOP'."""
+    prefixes = (("T", "T"), ("B", "G"), ("M", "M"), ("K", "K")) if not unit else \
+        (("T", "T"), ("G", "G"), ("M", "M"), ("K", "K"))
+    for div, (count_sfx, unit_sfx) in zip((1e12, 1e9, 1e6, 1e3), prefixes):
         if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}" if float(n).is_integer() else f"{n:.3g}{unit}"
-
-
-def _gb(x: float) -> str:
-    return f"{x:,.1f} GB" if x >= 1 else f"{x * 1e3:,.1f} MB" if x >= 1e-3 else f"{x * 1e6:,.1f} KB"
+            return f"{n / div:.2f}{count_sfx}" if not unit else f"{n / div:.2f} {unit_sfx}{unit}"
+    text = f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+    return f"{text} {unit}" if unit else text
 
 
 def _rows(s: dict) -> list[tuple[str, str]]:
@@ -428,28 +433,31 @@ def _rows(s: dict) -> list[tuple[str, str]]:
             ("active params / token", f"{human(s['active_params'])} ({100 * s['active_fraction']:.1f}%)"),
             ("MTP params (separate)", human(s["mtp_params"]))]
     rows += [(f"  {g.replace('_', ' ')}", human(p[g])) for g in GROUPS]
-    rows += [(f"forward FLOPs/token @{s['context']}", human(f["forward"])),
-             ("  matmuls / attention ctx", f"{human(f['forward_matmul'])} / {human(f['forward_attention_context'])}"),
-             ("  dense of equal total", human(f["dense_equal_total_forward"])),
-             ("training FLOPs/token (3x)", human(f["training"]))]
-    rows += [(f"weights {k}", f"{_gb(v)}  ({s['cards_needed'][k]} x {s['card_gb']:g} GB)")
+    rows += [("context (attention, KV cache)", f"{s['context']} tokens"),
+             ("forward FLOPs/token", human(f["forward"], "FLOP")),
+             ("  matmuls", human(f["forward_matmul"], "FLOP")),
+             ("  attention over context", human(f["forward_attention_context"], "FLOP")),
+             ("  dense model, equal total", human(f["dense_equal_total_forward"], "FLOP")),
+             ("training FLOPs/token (3x, +MTP)", human(f["training"], "FLOP"))]
+    rows += [(f"weights {k}", f"{human(v * GB, 'B')} = {s['cards_needed'][k]} x {s['card_gb']:g} GB")
              for k, v in s["weight_gb"].items()]
-    rows += [(f"train state {r}", f"{_gb(v['total'])} ({v['bytes_per_param']:g} B/param)")
+    rows += [(f"train state {r} (+MTP)", f"{human(v['total'] * GB, 'B')} ({v['bytes_per_param']:g} B/param)")
              for r, v in s["training_state_gb"].items()]
     rows += [(f"KV cache/token ({kv['dtype']})",
               f"{human(kv['bytes_per_token'], 'B')} ({human(kv['bytes_per_token_per_layer'], 'B')}/layer)"),
-             ("  naive (expanded)", human(kv["naive_bytes_per_token"], "B")),
-             (f"  at context {s['context']}", _gb(kv["gb_at_context"]))]
+             ("  naive, per-head K and V", human(kv["naive_bytes_per_token"], "B")),
+             ("  one sequence at context", human(kv["gb_at_context"] * GB, "B"))]
     t = s.get("training")
     if t:
         if "tokens" in t:
             rows += [("train tokens", human(t["tokens"])),
-                     ("train FLOPs 3x fwd / 6ND", f"{t['flops_3x_forward']:.3g} / {t['flops_6nd']:.3g}")]
+                     ("train FLOPs, 3x forward", f"{t['flops_3x_forward']:.3g}"),
+                     ("train FLOPs, 6 N_active D", f"{t['flops_6nd']:.3g}")]
         if "cost_usd" in t:
             rows += [("GPU-hours x price", f"{human(t['gpu_hours'])} x ${t['price_per_gpu_hour']:g} "
                                            f"= ${human(t['cost_usd'])}")]
         if "utilisation_6nd" in t:
-            rows += [(f"implied util. (peak {t['peak_tflops']:g} TF)", f"{100 * t['utilisation_6nd']:.1f}%")]
+            rows += [(f"implied utilisation (6ND, {t['peak_tflops']:g} TF/s)", f"{100 * t['utilisation_6nd']:.1f}%")]
     return rows
 
 
@@ -492,7 +500,9 @@ def run_calc(args: argparse.Namespace) -> int:
         print(json.dumps(named, indent=2) if args.json else format_compare(named))
         return 0
     name = args.config or args.preset or "toy"
-    s = summary(_load(name, overrides, is_file=bool(args.config)), **opts)
+    if args.set:
+        name += " with " + ", ".join(args.set)
+    s = summary(_load(args.config or args.preset or "toy", overrides, is_file=bool(args.config)), **opts)
     print(json.dumps(s, indent=2) if args.json else format_table(name, s))
     return 0
 
@@ -509,7 +519,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="side by side: comma-separated preset names or config .json files")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
-    p.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and KV cache")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length for attention FLOPs and KV cache (default: min(4096, max_seq_len))")
     p.add_argument("--kv-dtype", default="bf16", choices=PRECISIONS, help="KV-cache element type")
     p.add_argument("--tokens", type=float, default=None, help="training tokens, e.g. 14.8e12")
     p.add_argument("--gpu-hours", type=float, default=None, help="GPU-hours for the cost line, e.g. 2.788e6")

@@ -8,10 +8,12 @@ headless machines and in CI.
 from __future__ import annotations
 
 import os
+import sys
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # keep a notebook's inline backend; headless everywhere else
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -23,3 +25,86 @@ def save(fig: Figure, path: str | os.PathLike) -> str:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------- accounting figures
+# Inputs come from moe.accounting (experiments/savings.py gathers them for every preset).
+
+
+def _grouped_bars(ax, labels: list[str], series: dict[str, list[float]], unit: str = "", log: bool = True) -> None:
+    """Side-by-side bars: one group per label, one bar per series, values written on top."""
+    n = len(series)
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[_short(v, unit) for v in values], fontsize=7, padding=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=15)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
+def _short(v: float, unit: str = "") -> str:
+    """3.7e10 -> '37B' for counts (no unit), '37GB' / '37GFLOP' with a unit."""
+    billion = "G" if unit else "B"
+    for div, sfx in ((1e12, "T"), (1e9, billion), (1e6, "M"), (1e3, "K")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{sfx}{unit}"
+    return f"{v:.3g}{unit}"
+
+
+def plot_total_vs_active(params: dict[str, tuple[float, float]]) -> Figure:
+    """Total vs active parameters per model: name -> (total, active).
+
+    Include a dense model of equal total size (active == total) for the articles' contrast:
+    a dense model keeps every parameter "always active".
+    """
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = list(params)
+    _grouped_bars(ax, labels, {"total": [t for t, _ in params.values()],
+                               "active per token": [a for _, a in params.values()]})
+    ax.set_ylabel("parameters")
+    ax.set_title("Stored vs used per token: MoE activates a small fraction of its parameters")
+    return fig
+
+
+def plot_memory_per_precision(weight_gb: dict[str, dict[str, float]], card_gb: float = 24.0) -> Figure:
+    """Weight memory (GB) per model and precision: name -> {precision: GB}, with a card_gb line."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = list(weight_gb)
+    precisions = list(next(iter(weight_gb.values())))
+    _grouped_bars(ax, labels, {p: [weight_gb[m][p] * 1e9 for m in labels] for p in precisions}, unit="B")
+    ax.axhline(card_gb * 1e9, color="red", linestyle="--", linewidth=1, label=f"{card_gb:g} GB consumer card")
+    ax.legend(fontsize=8)
+    ax.set_ylabel("bytes of weights (no KV cache, no activations)")
+    ax.set_title("Weights alone vs one gaming GPU")
+    return fig
+
+
+def plot_kv_cache(variants: dict[str, float], per_model: dict[str, float], variants_of: str = "") -> Figure:
+    """KV-cache bytes per token: left, one model's heads cached as MHA/GQA/MQA/MLA (per layer);
+    right, each model's own attention over all its layers."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, data, title in ((ax1, variants, f"same heads, what is cached ({variants_of}, per layer)"),
+                            (ax2, per_model, "each model as built (all layers)")):
+        bars = ax.bar(list(data), list(data.values()), color="tab:purple")
+        ax.bar_label(bars, labels=[_short(v, "B") for v in data.values()], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("bytes per token (bf16)")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", rotation=15)
+    fig.suptitle("KV cache per token: MLA caches a small latent instead of per-head keys and values")
+    fig.tight_layout()
+    return fig
+
+
+def plot_flops_per_token(flops: dict[str, tuple[float, float]], context_note: str = "") -> Figure:
+    """Forward FLOPs per token: name -> (MoE as configured, dense model of equal total parameters)."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = list(flops)
+    _grouped_bars(ax, labels, {"MoE (top-k experts)": [m for m, _ in flops.values()],
+                               "dense, equal total params": [d for _, d in flops.values()]}, unit="FLOP")
+    ax.set_ylabel(f"forward FLOPs per token{context_note}")
+    ax.set_title("Compute per token: MoE pays for its active parameters only")
+    return fig
