@@ -102,8 +102,10 @@ class Transformer(nn.Module):
                              f"from {lo} to {hi}")
 
     def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
-                cache: list[dict] | None = None, start_pos: int = 0,
+                cache: list[dict] | None = None, start_pos: int = 0, return_hidden: bool = False,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """return_hidden=True appends h_BSD (last block output, before the final norm) to the
+        result: speculative decoding feeds it to the MTP module."""
         self.check_tokens(tokens_BS, start_pos)
         S = tokens_BS.shape[1]
         cos = self.rope_cos[start_pos:start_pos + S]
@@ -115,7 +117,7 @@ class Transformer(nn.Module):
             add_losses(losses, block_losses)
         logits_BSV = self.head(self.norm(h_BSD))
         if targets_BS is None:
-            return logits_BSV, losses
+            return (logits_BSV, losses, h_BSD) if return_hidden else (logits_BSV, losses)
 
         balance_terms = sum(losses.values()) if losses else 0.0
         losses["ce"] = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(),
@@ -130,4 +132,4 @@ class Transformer(nn.Module):
             for k, v in mtp_balance.items():
                 losses[k] = losses[k] + v if k in losses else v
         losses["loss"] = total
-        return logits_BSV, losses
+        return (logits_BSV, losses, h_BSD) if return_hidden else (logits_BSV, losses)
