@@ -79,8 +79,14 @@ def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Te
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """grouped_mm needs fp32/bf16/fp16 and 16-byte-aligned row strides."""
+    """grouped_mm needs fp32/bf16/fp16 and 16-byte-aligned row strides.
+
+    Under torch.compile (torch 2.13) its tracing rule accepts bf16 only, so compiled fp32
+    models take the loop.
+    """
     if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
     return all(w.dtype == x.dtype and (w.shape[-1] * w.element_size()) % 16 == 0
                and (w.shape[-2] * w.element_size()) % 16 == 0 for w in weights)

@@ -41,7 +41,7 @@ def test_invalid_configs_name_the_fields(changes, fields):
 
 
 def test_every_preset_is_valid_and_frozen():
-    for name, cfg in PRESETS.items():
+    for cfg in PRESETS.values():
         cfg.validate()
         with pytest.raises(AttributeError):
             cfg.dim = 1  # frozen
