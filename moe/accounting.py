@@ -357,13 +357,17 @@ def default_context(cfg: ModelConfig) -> int:
 
 def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16", tokens: float | None = None,
             gpu_hours: float | None = None, price: float = DEEPSEEK_V3_PRICE_PER_GPU_HOUR,
-            card_gb: float = CONSUMER_CARD_GB, peak_tflops: float = H800_PEAK_BF16_TFLOPS) -> dict:
+            card_gb: float = CONSUMER_CARD_GB, peak_tflops: float = H800_PEAK_BF16_TFLOPS,
+            gpus: int | None = None) -> dict:
     """Everything the calculator prints, as one JSON-ready dict."""
     context = default_context(cfg) if context is None else context
     if context <= 0:
         raise ValueError(f"--context must be a positive number of tokens, got {context}")
     if card_gb <= 0:
         raise ValueError(f"--card-gb must be > 0, got {card_gb}")
+    for flag, v in (("--gpus", gpus), ("--gpu-hours", gpu_hours), ("--tokens", tokens)):
+        if v is not None and v <= 0:
+            raise ValueError(f"{flag} must be > 0, got {v}")
     p = count_params(cfg)
     dense = dense_equal_total(cfg)
     fwd = forward_flops_per_token(cfg, context)
@@ -400,17 +404,20 @@ def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16"
             "gb_at_context": kv["per_token"] * context / GB,
         },
     }
+    train: dict = {}
     if tokens is not None:
         t = training_flops(cfg, tokens, seq_len=context)
-        out["training"] = {"tokens": tokens, "flops_3x_forward": t["total"], "flops_6nd": t["six_n_d"]}
-        if gpu_hours is not None:
-            out["training"].update(
-                gpu_hours=gpu_hours, price_per_gpu_hour=price, cost_usd=training_cost(gpu_hours, price),
-                peak_tflops=peak_tflops,
-                utilisation_6nd=implied_utilisation(t["six_n_d"], gpu_hours, peak_tflops))
-    elif gpu_hours is not None:
-        out["training"] = {"gpu_hours": gpu_hours, "price_per_gpu_hour": price,
-                           "cost_usd": training_cost(gpu_hours, price)}
+        train.update(tokens=tokens, flops_3x_forward=t["total"], flops_6nd=t["six_n_d"])
+    if gpu_hours is not None:
+        train.update(gpu_hours=gpu_hours, price_per_gpu_hour=price, cost_usd=training_cost(gpu_hours, price))
+        if gpus:
+            train.update(gpus=gpus, days=gpu_hours / gpus / 24)
+        if tokens is not None:
+            train.update(peak_tflops=peak_tflops,
+                         utilisation_6nd=implied_utilisation(train["flops_6nd"], gpu_hours, peak_tflops),
+                         utilisation_3x_forward=implied_utilisation(train["flops_3x_forward"], gpu_hours, peak_tflops))
+    if train:
+        out["training"] = train
     return out
 
 
@@ -455,9 +462,12 @@ def _rows(s: dict) -> list[tuple[str, str]]:
                      ("train FLOPs, 6 N_active D", f"{t['flops_6nd']:.3g}")]
         if "cost_usd" in t:
             rows += [("GPU-hours x price", f"{human(t['gpu_hours'])} x ${t['price_per_gpu_hour']:g} "
-                                           f"= ${human(t['cost_usd'])}")]
+                                           f"= ${t['cost_usd']:,.0f}")]
+        if "days" in t:
+            rows += [("wall clock", f"{t['days']:.1f} days on {t['gpus']:,} GPUs")]
         if "utilisation_6nd" in t:
-            rows += [(f"implied utilisation (6ND, {t['peak_tflops']:g} TF/s)", f"{100 * t['utilisation_6nd']:.1f}%")]
+            rows += [(f"implied utilisation of {t['peak_tflops']:g} TF/s",
+                      f"{100 * t['utilisation_6nd']:.1f}% (6ND), {100 * t['utilisation_3x_forward']:.1f}% (3x fwd)")]
     return rows
 
 
@@ -491,7 +501,7 @@ def _load(name_or_path: str, overrides: dict, is_file: bool = False) -> ModelCon
 def run_calc(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     opts = dict(context=args.context, kv_dtype=args.kv_dtype, tokens=args.tokens, gpu_hours=args.gpu_hours,
-                price=args.price, card_gb=args.card_gb, peak_tflops=args.peak_tflops)
+                price=args.price, card_gb=args.card_gb, peak_tflops=args.peak_tflops, gpus=args.gpus)
     if args.compare:
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
         if not names:
@@ -525,6 +535,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=float, default=None, help="training tokens, e.g. 14.8e12")
     p.add_argument("--gpu-hours", type=float, default=None, help="GPU-hours for the cost line, e.g. 2.788e6")
     p.add_argument("--price", type=float, default=DEEPSEEK_V3_PRICE_PER_GPU_HOUR, help="$ per GPU-hour")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs running the GPU-hours (wall-clock days)")
     p.add_argument("--peak-tflops", type=float, default=H800_PEAK_BF16_TFLOPS,
                    help="per-GPU peak for the implied utilisation (H800 dense BF16: 989.5)")
     p.add_argument("--card-gb", type=float, default=CONSUMER_CARD_GB, help="consumer card memory in GB")

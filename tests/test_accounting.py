@@ -356,9 +356,13 @@ def test_cli_calc_set_and_config_file(run_cli, tmp_path):
 
 
 def test_cli_calc_cost_line(run_cli):
-    _, out, _ = run_cli("calc", "--preset", "deepseek-v3", "--tokens", "14.8e12", "--gpu-hours", "2.788e6", "--json")
+    _, out, _ = run_cli("calc", "--preset", "deepseek-v3", "--tokens", "14.8e12", "--gpu-hours", "2.788e6",
+                        "--gpus", "2048", "--json")
     t = json.loads(out)["training"]
     assert t["cost_usd"] == pytest.approx(5.576e6) and 0.3 < t["utilisation_6nd"] < 0.35
+    assert t["days"] == pytest.approx(2.788e6 / 2048 / 24)
+    _, out, _ = run_cli("calc", "--preset", "deepseek-v3", "--gpu-hours", "2.788e6", "--gpus", "2048")
+    assert "$5,576,000" in out and "56.7 days on 2,048 GPUs" in out
 
 
 def test_cli_calc_compare(run_cli):
@@ -379,6 +383,7 @@ def test_cli_calc_compare(run_cli):
     (["--compare", "toy,nope"], "unknown preset 'nope'"),
     (["--config", "/no/such/file.json"], "not found"),
     (["--context", "0"], "context"),
+    (["--gpu-hours", "10", "--gpus", "0"], "--gpus"),
 ])
 def test_cli_calc_bad_input_is_one_line_exit_2(run_cli, argv, message):
     rc, out, err = run_cli("calc", *argv)
