@@ -385,7 +385,8 @@ def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16"
             "forward": fwd["total"],
             "forward_matmul": fwd["total"] - fwd["attention_context"],
             "forward_attention_context": fwd["attention_context"],
-            "training": 3 * forward_flops_per_token(cfg, context, include_mtp=True)["total"],
+            # a training sequence of `context` tokens: causal, so a token sees (context + 1) / 2 keys on average
+            "training": training_flops(cfg, 1, seq_len=context)["per_token"],
             "dense_equal_total_forward": forward_flops_per_token(dense, context)["total"],
             "breakdown": fwd,
         },
@@ -445,7 +446,7 @@ def _rows(s: dict) -> list[tuple[str, str]]:
              ("  matmuls", human(f["forward_matmul"], "FLOP")),
              ("  attention over context", human(f["forward_attention_context"], "FLOP")),
              ("  dense model, equal total", human(f["dense_equal_total_forward"], "FLOP")),
-             ("training FLOPs/token (3x, +MTP)", human(f["training"], "FLOP"))]
+             ("training FLOPs/token (3x fwd, +MTP)", human(f["training"], "FLOP"))]
     rows += [(f"weights {k}", f"{human(v * GB, 'B')} = {s['cards_needed'][k]} x {s['card_gb']:g} GB")
              for k, v in s["weight_gb"].items()]
     rows += [(f"train state {r} (+MTP)", f"{human(v['total'] * GB, 'B')} ({v['bytes_per_param']:g} B/param)")

@@ -314,6 +314,7 @@ def test_summary_is_json_and_has_the_contract_keys():
     assert s2["total_params"] == acc.count_params(PRESETS["toy"])["total"]
     assert s2["training"]["cost_usd"] == 30
     assert s2["context"] == PRESETS["toy"].max_seq_len  # min(4096, max_seq_len)
+    assert s2["flops_per_token"]["training"] == acc.training_flops(PRESETS["toy"], 1, seq_len=256)["per_token"]
     with pytest.raises(ValueError, match="context"):
         acc.summary(PRESETS["toy"], context=0)
 
