@@ -108,3 +108,76 @@ def plot_flops_per_token(flops: dict[str, tuple[float, float]], context_note: st
     ax.set_ylabel(f"forward FLOPs per token{context_note}")
     ax.set_title("Compute per token: MoE pays for its active parameters only")
     return fig
+
+
+# ---------------------------------------------------------------------------- training figures
+# Inputs are the records of a run's metrics.jsonl (moe.train.read_metrics).
+
+
+def _ema(values: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average, bias-corrected: a readable line through a noisy loss."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def plot_training_loss(records: list[dict], baseline: float | None = None) -> Figure:
+    """Train cross entropy (raw and smoothed) and validation loss per step, in nats per token.
+
+    baseline: an optional reference line, e.g. the unigram loss of the same validation text.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    train = [(r["step"], r["ce"]) for r in records if isinstance(r.get("ce"), (int, float))]
+    if train:
+        steps, ce = zip(*train)
+        ax.plot(steps, ce, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _ema(list(ce)), color="tab:blue", label="train (smoothed)")
+    evals = [r for r in records if isinstance(r.get("val_loss"), (int, float))]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:red",
+                label="validation")
+        domains = sorted({k for r in evals for k in r if k.startswith("val_loss_")})
+        for k in domains:
+            pts = [(r["step"], r[k]) for r in evals if k in r]
+            ax.plot(*zip(*pts), ".--", linewidth=1, label=f"validation, {k[len('val_loss_'):]}")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle=":", label=f"unigram baseline ({baseline:.2f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross entropy (nats per byte)")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_expert_load(records: list[dict]) -> Figure:
+    """Left: max/mean expert load per MoE layer over training (1.0 = perfectly balanced).
+    Right: each expert's share of the last logged step's tokens, times E (1.0 = its fair share)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    loads = [(r["step"], r["load_max_over_mean"]) for r in records if r.get("load_max_over_mean")]
+    if loads:
+        steps = [s for s, _ in loads]
+        for layer in range(len(loads[0][1])):
+            ax1.plot(steps, _ema([v[layer] for _, v in loads]), label=f"MoE layer {layer}")
+    ax1.axhline(1.0, color="gray", linestyle=":")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("max / mean tokens per expert (smoothed)")
+    ax1.set_title("Load imbalance per layer")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    counted = [r for r in records if r.get("tokens_per_expert")]
+    if counted:
+        counts = counted[-1]["tokens_per_expert"]
+        share = [[c * len(row) / max(sum(row), 1e-9) for c in row] for row in counts]
+        im = ax2.imshow(share, cmap="viridis", aspect="auto", vmin=0)
+        fig.colorbar(im, ax=ax2, label="tokens x E / total (1 = uniform)")
+        ax2.set_xlabel("expert")
+        ax2.set_ylabel("MoE layer")
+        ax2.set_yticks(range(len(share)))
+        ax2.set_title(f"Expert load at step {counted[-1]['step']}")
+    else:
+        ax2.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,326 @@
+"""Sampling with a KV cache, and speculative decoding with the MTP module as the drafter.
+
+Shapes: B batch (1 here), S new positions, V vocabulary, D model dim.
+
+Plain decoding feeds the prompt once (prefill), then one token per forward, reusing the
+cached keys/values (MLA caches only its small latent).
+
+Speculative decoding (DeepSeek-V3 section 5.4.3 uses its MTP module this way): the main
+model's last hidden state h_i and the token it just chose, t_{i+1}, go through MTP module 1,
+which drafts t_{i+2}. The next main forward takes [t_{i+1}, draft] together: its first
+output checks the draft, its second is the token after it. If the draft is accepted, one
+main forward has produced two tokens; if not, the main model's own choice replaces it and
+the cache slot of the bad draft is simply overwritten later. Acceptance uses the standard
+rule (accept with probability min(1, p/q), else sample from max(0, p - q)), which keeps the
+output distribution exactly the main model's; with greedy decoding that reduces to "accept
+iff the draft equals the main model's argmax", so greedy speculative == greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moe.data import ByteTokenizer
+from moe.model import Transformer
+
+TokenCallback = Callable[[int], None]
+
+
+# ------------------------------------------------------------------------------ sampling
+def next_token_probs(logits_V: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """The distribution to sample from: temperature, then top-k, then top-p; 0 = greedy one-hot."""
+    logits_V = logits_V.float()
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits_V.argmax(), logits_V.numel()).float()
+    logits_V = logits_V / temperature
+    if top_k is not None and top_k < logits_V.numel():
+        kth = logits_V.topk(top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    probs_V = logits_V.softmax(dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs_V.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        probs_V = probs_V.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+        probs_V = probs_V / probs_V.sum()
+    return probs_V
+
+
+def sample(probs_V: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token id from probs; a one-hot (greedy) needs no randomness."""
+    if probs_V.max() >= 1.0:
+        return int(probs_V.argmax())
+    return int(torch.multinomial(probs_V.cpu(), 1, generator=generator))
+
+
+def _check_prompt(model: Transformer, prompt: list[int]) -> None:
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token (one byte of text)")
+    if len(prompt) > model.cfg.max_seq_len:
+        raise ValueError(f"the prompt is {len(prompt)} tokens but the model's max_seq_len is "
+                         f"{model.cfg.max_seq_len}; shorten it")
+
+
+def _validate(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None, on_token: TokenCallback | None = None) -> list[int]:
+    """New tokens after prompt; stops at max_new_tokens or when the sequence fills max_seq_len.
+
+    use_cache=False recomputes the whole sequence every step: slow, kept as the reference.
+    """
+    _validate(max_new_tokens, temperature, top_k, top_p)
+    _check_prompt(model, prompt)
+    device = model.embed.weight.device
+    seq = list(prompt)
+    new: list[int] = []
+    cache = model.new_cache(1) if use_cache else None
+    fed = 0  # positions already in the cache
+    while len(new) < max_new_tokens and len(seq) < model.cfg.max_seq_len:
+        if use_cache:
+            x_BS = torch.tensor([seq[fed:]], device=device)
+            logits_BSV = model(x_BS, cache=cache, start_pos=fed)[0]
+            fed = len(seq)
+        else:
+            logits_BSV = model(torch.tensor([seq], device=device))[0]
+        tok = sample(next_token_probs(logits_BSV[0, -1], temperature, top_k, top_p), generator)
+        seq.append(tok)
+        new.append(tok)
+        if on_token is not None:
+            on_token(tok)
+    return new
+
+
+# ------------------------------------------------------------------------------ speculative decoding
+@dataclass
+class SpecStats:
+    new_tokens: int = 0
+    main_forwards: int = 0  # forwards of the main model, the prefill included
+    drafted: int = 0  # MTP drafts the main model checked
+    accepted: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(self.main_forwards, 1)
+
+
+class _MTPDrafter:
+    """MTP module 1 with its own KV cache: h_i (main) + Emb(t_{i+1}) -> a draft of t_{i+2}."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.module = model.mtp[0]
+        w = model.embed.weight
+        self.cache = self.module.block.attn.new_cache(1, model.cfg.max_seq_len, w.device, w.dtype)
+
+    def __call__(self, h_BSD: torch.Tensor, next_tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Feed positions start_pos.. (main hidden states and the tokens after them); logits of the last."""
+        m = self.model
+        S = h_BSD.shape[1]
+        emb_BSD = m.embed(torch.tensor([next_tokens], device=h_BSD.device))
+        cos, sin = m.rope_cos[start_pos:start_pos + S], m.rope_sin[start_pos:start_pos + S]
+        x_BSD, _ = self.module(h_BSD, emb_BSD, cos, sin, self.cache, start_pos)
+        return m.head(self.module.norm(x_BSD[:, -1]))[0]
+
+
+@torch.no_grad()
+def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                         top_k: int | None = None, top_p: float | None = None,
+                         generator: torch.Generator | None = None,
+                         on_token: TokenCallback | None = None) -> tuple[list[int], SpecStats]:
+    """Like generate (same stopping rule), drafting one token ahead with the MTP module."""
+    if not len(model.mtp):
+        raise ValueError("speculative decoding needs an MTP module, but this model has n_mtp=0; "
+                         "train one with --set n_mtp=1")
+    _validate(max_new_tokens, temperature, top_k, top_p)
+    _check_prompt(model, prompt)
+    t0 = time.perf_counter()
+    device = model.embed.weight.device
+    limit = model.cfg.max_seq_len
+    stats = SpecStats()
+    seq, new = list(prompt), []
+    probs = lambda logits_V: next_token_probs(logits_V, temperature, top_k, top_p)
+
+    def emit(tok: int) -> bool:
+        """Append a token; False once generation must stop."""
+        seq.append(tok)
+        new.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        return len(new) < max_new_tokens and len(seq) < limit
+
+    if max_new_tokens == 0 or len(seq) >= limit:
+        return new, stats
+    cache = model.new_cache(1)
+    drafter = _MTPDrafter(model)
+    logits_BSV, _, h_BSD = model(torch.tensor([seq], device=device), cache=cache, start_pos=0, return_hidden=True)
+    stats.main_forwards += 1
+    going = emit(sample(probs(logits_BSV[0, -1]), generator))
+    q_V = probs(drafter(h_BSD, seq[1:], 0))  # MTP over the prompt: draft for the position after seq[-1]
+    while going:
+        pos = len(seq) - 1  # position of the newest token, not yet fed to the main model
+        draft = sample(q_V, generator)
+        logits_BSV, _, h_BSD = model(torch.tensor([[seq[-1], draft]], device=device), cache=cache,
+                                     start_pos=pos, return_hidden=True)
+        stats.main_forwards += 1
+        stats.drafted += 1
+        p_V = probs(logits_BSV[0, 0])
+        accept_prob = float(p_V[draft] / q_V[draft].clamp_min(1e-30))
+        if accept_prob >= 1.0 or accept_prob <= 0.0:  # always the case when greedy: no randomness
+            accepted = accept_prob >= 1.0
+        else:
+            accepted = float(torch.rand((), generator=generator)) < accept_prob
+        if accepted:
+            stats.accepted += 1
+            going = emit(draft)
+            if not going:
+                break
+            going = emit(sample(probs(logits_BSV[0, 1]), generator))
+            q_V = probs(drafter(h_BSD, seq[-2:], pos))
+        else:
+            residual_V = (p_V - q_V).clamp_min(0.0)
+            residual_V = residual_V / residual_V.sum() if residual_V.sum() > 0 else p_V
+            going = emit(sample(residual_V, generator))
+            if going:  # the draft's cache slots (main and MTP) get overwritten from pos + 1 on
+                q_V = probs(drafter(h_BSD[:, :1], seq[-1:], pos))
+    stats.new_tokens = len(new)
+    stats.seconds = time.perf_counter() - t0
+    return new, stats
+
+
+# ------------------------------------------------------------------------------ CLI
+class StreamPrinter:
+    """Prints tokens as they come; bytes of a multi-byte character wait for the rest of it."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, tok: int) -> None:
+        text = self.decoder.decode(bytes([tok]))
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write(self.decoder.decode(b"", final=True) + "\n")
+        self.stream.flush()
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _non_negative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
+    return v
+
+
+def _probability(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
+    return v
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from moe.train import load_model
+
+    model, ckpt = load_model(args.run, args.device)
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt)
+    temperature = 0.0 if args.greedy else args.temperature
+    if args.speculative and not len(model.mtp):
+        raise ValueError(f"--speculative needs an MTP module, but {args.run} has n_mtp=0; "
+                         "train with --set n_mtp=1")
+    generator = torch.Generator().manual_seed(args.seed)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        printer = StreamPrinter()
+        if args.stream:
+            sys.stdout.write(args.prompt)
+            sys.stdout.flush()
+        t0 = time.perf_counter()
+        on_token = printer if args.stream else None
+        if args.speculative:
+            new, stats = speculative_generate(model, prompt, args.max_new_tokens, temperature, args.top_k,
+                                              args.top_p, generator, on_token)
+        else:
+            new = generate(model, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p,
+                           generator=generator, on_token=on_token)
+        dt = time.perf_counter() - t0
+        if args.stream:
+            printer.finish()
+        else:
+            print(tok.decode(prompt + new))
+        line = f"[{len(new)} tokens in {dt:.2f} s, {len(new) / max(dt, 1e-9):.0f} tokens/s"
+        if args.speculative:
+            line += (f"; MTP drafts accepted {stats.accepted}/{stats.drafted} = {stats.acceptance:.0%}, "
+                     f"{stats.tokens_per_forward:.2f} tokens per main-model forward")
+        print(line + "]", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate", help="sample text from a trained run (KV cache; optional MTP speculative decoding)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Stream text from the last checkpoint of a run folder. Examples: "
+                    "python -m moe generate runs/demo --prompt 'def ' --max-new-tokens 200 ; "
+                    "python -m moe generate runs/demo --prompt 'The ' --greedy --speculative")
+    p.add_argument("run", metavar="OUT", help="run folder written by train (or one of its ckpt-* folders)")
+    p.add_argument("--prompt", default="The ", help="text to continue (UTF-8)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200,
+                   help="tokens (bytes) to add; generation also stops when the sequence fills max_seq_len")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.8, help="sampling temperature, 0 = greedy")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=_probability, default=None,
+                   help="nucleus sampling: the smallest set of tokens holding this probability mass")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (= --temperature 0)")
+    p.add_argument("--speculative", action="store_true",
+                   help="draft with the MTP module and verify with the main model (needs n_mtp >= 1); "
+                        "reports acceptance and tokens per main-model forward")
+    p.add_argument("--num-samples", type=_positive_int, default=1, help="independent samples to draw")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="print once at the end")
+    p.set_defaults(func=run_generate)
