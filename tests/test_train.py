@@ -1,0 +1,306 @@
+"""Training loop: loss goes down, resume is bit for bit, checkpoints are atomic and verified."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+
+import pytest
+import torch
+
+from moe import train as train_mod
+from moe.config import PRESETS, ModelConfig
+from moe.model import Transformer
+from moe.train import TrainConfig, TrainingDiverged, load_checkpoint, load_model, train
+
+# A model small enough that a training step takes milliseconds on a CPU.
+TINY = PRESETS["toy"].replace(dim=32, n_layers=2, n_heads=2, max_seq_len=64, kv_lora_rank=16,
+                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, inter_dim=64,
+                              moe_inter_dim=16, n_routed_experts=4, n_activated_experts=2,
+                              n_expert_groups=2, n_limited_groups=1)
+
+SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "def add(a, b):\n    return a + b\n",
+             "the sun is hot and the sea is wide. ", "for i in range(10):\n    print(i)\n"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: one intra-op thread is much faster than two (and steadier on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_text(path, n: int = 400) -> str:
+    """A small, learnable UTF-8 text file (a fixed mix of a few sentences)."""
+    text = "".join(SENTENCES[(i * 7 + i // 3) % len(SENTENCES)] for i in range(n))
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def tiny_run(tmp_path, name: str = "run", **changes) -> TrainConfig:
+    base = TrainConfig(out=str(tmp_path / name), steps=20, batch_size=4, seq_len=32, lr=1e-2, min_lr=1e-3,
+                       warmup_steps=3, eval_interval=10, eval_windows=8, seed=0, device="cpu",
+                       data=write_text(tmp_path / "text.txt"), progress=False, plots=False)
+    return dataclasses.replace(base, **changes)
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ the loop
+def test_short_run_lowers_the_loss(tmp_path):
+    tc = tiny_run(tmp_path, steps=40, eval_interval=40)
+    result = train(tc, TINY)
+    records = train_mod.read_metrics(tc.out)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    first = sum(r["ce"] for r in records[:3]) / 3
+    last = sum(r["ce"] for r in records[-3:]) / 3
+    assert first > math.log(256) - 0.5
+    assert last < first - 1.5
+    assert result.val_loss < result.unigram_loss  # already beats byte frequencies
+
+
+def test_metrics_record_the_promised_fields(tmp_path):
+    tc = tiny_run(tmp_path, steps=4, eval_interval=2, seq_len=16, grad_accum=2)
+    train(tc, TINY.replace(n_mtp=1, aux_loss_alpha=0.01, z_loss_coef=1e-3))
+    records = train_mod.read_metrics(tc.out)
+    for r in records:
+        for key in ("step", "loss", "ce", "mtp", "aux", "seq_aux", "z", "lr", "grad_norm", "tokens_per_s",
+                    "load_max_over_mean"):
+            assert key in r, key
+        assert len(r["load_max_over_mean"]) == TINY.n_moe_layers + 1  # + the MTP block's MoE
+        assert r["tokens"] == r["step"] * 4 * 16 * 2
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all("tokens_per_expert" in r and "unigram_loss" in r for r in evals)
+    # grad_accum=2 micro-batches of 4 x 16 tokens, top-2: each main MoE layer counted 2 * 64 * 2
+    # assignments; the MTP block sees 15 positions per sequence
+    *main, mtp = evals[-1]["tokens_per_expert"]
+    assert all(sum(row) == 2 * 64 * 2 for row in main)
+    assert sum(mtp) == 2 * 4 * 15 * 2
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    tc = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    lrs = [train_mod.lr_at(s, tc) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_balancing_bias_moves_and_stats_are_reset(tmp_path):
+    tc = tiny_run(tmp_path, steps=5, eval_interval=0)
+    result = train(tc, TINY)
+    from moe.layer import moe_layers
+
+    layers = moe_layers(result.model)
+    assert any(m.router.bias.abs().sum() > 0 for m in layers)
+    assert all(m.tokens_per_expert_E.sum() == 0 for m in layers)  # reset after the last step/eval
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_is_bit_for_bit(tmp_path):
+    straight = train(tiny_run(tmp_path, "straight", steps=20), TINY)
+    half = train(tiny_run(tmp_path, "split", steps=20, stop_at=10), TINY)
+    assert half.step == 10 and half.stopped_early
+    resumed = train(tiny_run(tmp_path, "split", steps=20), resume=True)
+    assert resumed.step == 20
+    a, b = state_of(straight.model), state_of(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the logged losses agree too, and the split run's log has each step once
+    la = [r["loss"] for r in train_mod.read_metrics(straight.out)]
+    lb = [r["loss"] for r in train_mod.read_metrics(resumed.out)]
+    assert la == lb
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    tc = tiny_run(tmp_path, steps=6, eval_interval=3, save_interval=3)
+    train(tc, TINY)
+    path = os.path.join(tc.out, "ckpt-00000006")
+    assert os.path.isdir(path)
+    # pretend the run crashed at step 8 after its last save at step 6
+    with open(os.path.join(tc.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n" + json.dumps({"step": 8, "loss": 1.0}) + "\n{\"st")
+    train(dataclasses.replace(tc, steps=8), resume=True)
+    steps = [r["step"] for r in train_mod.read_metrics(tc.out)]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_with_a_different_config_fails_clearly(tmp_path):
+    tc = tiny_run(tmp_path, steps=2)
+    train(tc, TINY)
+    with pytest.raises(ValueError, match=r"different model config: dim: checkpoint 32, requested 48"):
+        train(dataclasses.replace(tc, steps=4), TINY.replace(dim=48), resume=True)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    tc = tiny_run(tmp_path, steps=2)
+    train(tc, TINY)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tc, TINY)
+    result = train(dataclasses.replace(tc, overwrite=True), TINY)
+    assert result.step == 2
+    assert [r["step"] for r in train_mod.read_metrics(tc.out)] == [1, 2]
+
+
+def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run folder not found"):
+        train(tiny_run(tmp_path, "nothing"), resume=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        train(tiny_run(tmp_path, "empty"), resume=True)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _saved(tmp_path, cfg: ModelConfig = TINY, step: int = 1):
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = train_mod.build_optimizer(model, TrainConfig())
+    out = str(tmp_path / "ckpt")
+    train_mod.save_checkpoint(out, model, opt, step, TrainConfig(), {})
+    return out, model, opt
+
+
+def test_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    out, model, opt = _saved(tmp_path)
+    before = state_of(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def crash(obj, path, *args, **kwargs):  # half a file, then the power goes
+        with open(path, "wb") as f:
+            f.write(b"\x80\x02partial")
+        raise OSError("simulated crash while writing state.pt")
+
+    monkeypatch.setattr(train_mod.torch, "save", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        train_mod.save_checkpoint(out, model, opt, 2, TrainConfig(), {})
+    monkeypatch.undo()
+    assert not [e for e in os.listdir(out) if e.startswith(".tmp")]  # the temp folder is cleaned up
+    loaded, ckpt = load_model(out)
+    assert ckpt.step == 1
+    for k, v in state_of(loaded).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_crash_before_latest_is_updated(tmp_path, monkeypatch):
+    out, model, opt = _saved(tmp_path)
+    real = train_mod._write_text
+
+    def crash_on_latest(path, text):
+        if os.path.basename(path) == "LATEST":
+            raise OSError("simulated crash before LATEST")
+        real(path, text)
+
+    monkeypatch.setattr(train_mod, "_write_text", crash_on_latest)
+    with pytest.raises(OSError):
+        train_mod.save_checkpoint(out, model, opt, 2, TrainConfig(), {})
+    monkeypatch.undo()
+    assert load_checkpoint(out).step == 1  # the complete but unnamed ckpt-2 is ignored
+    train_mod.save_checkpoint(out, model, opt, 2, TrainConfig(), {})  # and replaced on the next save
+    assert load_checkpoint(out).step == 2
+    assert sorted(e for e in os.listdir(out) if e.startswith("ckpt-")) == ["ckpt-00000002"]
+
+
+def test_corrupt_or_missing_files_are_named(tmp_path):
+    out, _, _ = _saved(tmp_path)
+    folder = os.path.join(out, "ckpt-00000001")
+    weights = os.path.join(folder, "model.safetensors")
+    raw = bytearray(pathlib.Path(weights).read_bytes())
+    raw[-5] ^= 0xFF
+    pathlib.Path(weights).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        load_checkpoint(out)
+    os.unlink(weights)
+    with pytest.raises(FileNotFoundError, match="checkpoint file missing: .*model.safetensors"):
+        load_checkpoint(out)
+    with open(os.path.join(out, "LATEST"), "w") as f:
+        f.write("ckpt-00000099\n")
+    with pytest.raises(FileNotFoundError, match="names ckpt-00000099, which is missing"):
+        load_checkpoint(out)
+
+
+def test_edited_config_that_no_longer_matches_the_weights(tmp_path):
+    out, _, _ = _saved(tmp_path)
+    folder = os.path.join(out, "ckpt-00000001")
+    cfg_path = os.path.join(folder, "config.json")
+    TINY.replace(n_routed_experts=8, n_expert_groups=2).save(cfg_path)
+    manifest_path = pathlib.Path(folder, "manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["config.json"] = {"bytes": os.path.getsize(cfg_path), "sha256": train_mod._sha256(cfg_path)}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"does not match the model config: shape mismatch .*router.weight"):
+        load_model(out)
+
+
+def test_tied_embeddings_and_router_bias_survive_a_round_trip(tmp_path):
+    cfg = TINY.replace(tie_embeddings=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "bias", None) is not None and m.__class__.__name__ == "Router":
+                m.bias.copy_(torch.randn_like(m.bias))
+    opt = train_mod.build_optimizer(model, TrainConfig())
+    out = str(tmp_path / "tied")
+    train_mod.save_checkpoint(out, model, opt, 1, TrainConfig(), {})
+    loaded, ckpt = load_model(out)
+    assert ckpt.aliases  # stored once
+    assert loaded.head.weight is loaded.embed.weight
+    for k, v in state_of(model).items():
+        assert torch.equal(v, state_of(loaded)[k]), k
+    assert any("router.bias" in k for k in ckpt.tensors)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    tc = tiny_run(tmp_path, steps=6, eval_interval=2)
+    real_forward = Transformer.forward
+    calls = {"n": 0}
+
+    def forward(self, tokens, targets=None, *args, **kwargs):
+        logits, losses = real_forward(self, tokens, targets, *args, **kwargs)
+        if targets is not None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                losses["loss"] = losses["loss"] * float("nan")
+        return logits, losses
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3.*ckpt-00000002"):
+        train(tc, TINY)
+    monkeypatch.undo()
+    assert load_checkpoint(tc.out).step == 2
+    resumed = train(tc, resume=True)  # and the run can go on from there
+    assert resumed.step == 6
+
+
+def test_bad_train_settings_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        train(tiny_run(tmp_path, steps=0), TINY)
+    with pytest.raises(ValueError, match="min_lr must be"):
+        train(tiny_run(tmp_path, lr=1e-3, min_lr=1e-2), TINY)
+    with pytest.raises(ValueError, match="seq_len=128 exceeds the model's max_seq_len=64"):
+        train(tiny_run(tmp_path, seq_len=128), TINY)
+    with pytest.raises(ValueError, match="unknown device"):
+        train(tiny_run(tmp_path, device="tpu"), TINY)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_request_without_cuda_is_clear():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_mod.resolve_device("cuda")
+
+
+def test_plots_are_written(tmp_path):
+    tc = tiny_run(tmp_path, steps=4, eval_interval=2, plots=True)
+    train(tc, TINY)
+    assert sorted(os.listdir(os.path.join(tc.out, "plots"))) == ["expert_load.png", "loss.png"]
