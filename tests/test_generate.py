@@ -37,14 +37,10 @@ def trained_mtp_model(tmp_path_factory):
     """A tiny n_mtp=1 model trained briefly on a periodic text: its MTP drafts are often right."""
     d = tmp_path_factory.mktemp("mtp")
     (d / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     tc = TrainConfig(out=str(d / "run"), steps=60, batch_size=8, seq_len=48, lr=1e-2, min_lr=1e-3,
-                     warmup_steps=5, eval_interval=0, device="cpu", data=str(d / "t.txt"), progress=False,
-                     plots=False)
-    model = train(tc, TINY.replace(n_mtp=1, init_std=0.02)).model.eval()
-    torch.set_num_threads(n)
-    return model
+                     warmup_steps=5, eval_interval=0, device="cpu", threads=1, data=str(d / "t.txt"),
+                     progress=False, plots=False)
+    return train(tc, TINY.replace(n_mtp=1, init_std=0.02)).model.eval()
 
 
 # ------------------------------------------------------------------------------ sampling filters
