@@ -495,6 +495,9 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
     _truncate_metrics(out, start_step)
 
     end_step = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
+    if end_step <= start_step:
+        raise ValueError(f"{out} is already at step {start_step}: pass --steps larger than {start_step} "
+                         "to train further")
     save_every = tc.eval_interval if tc.save_interval is None else tc.save_interval
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
@@ -713,6 +716,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def summary_text(result: TrainResult) -> str:
     lines = [f"run folder: {result.out}  (step {result.step}, checkpoint {result.checkpoint})"]
+    if "elapsed_s" in result.last:
+        t, n = result.last["elapsed_s"], result.last["tokens"]
+        lines.append(f"trained {n:,} tokens in {t:.0f} s of steps ({n / max(t, 1e-9):,.0f} tokens/s; "
+                     "evals and saves not counted)")
     if result.val_loss is not None and result.unigram_loss is not None:
         v, u = result.val_loss, result.unigram_loss
         lines.append(f"validation loss {v:.3f} nats/byte = {v / LN2:.2f} bits/byte; unigram baseline "

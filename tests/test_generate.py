@@ -158,3 +158,24 @@ def test_stream_printer_waits_for_whole_characters():
         printer(b)
     printer.finish()
     assert out.getvalue() == "né 世\n"
+
+
+def test_mtp_drafter_with_cache_matches_the_training_path():
+    """The drafter sees what MTP saw in training: h_i and Emb(t_{i+1}) -> logits for t_{i+2}."""
+    from moe.generate import _MTPDrafter
+
+    model = random_model(n_mtp=1)
+    seq = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, _, h_BSD = model(seq, return_hidden=True)
+        mtp = model.mtp[0]
+        n = seq.shape[1] - 1
+        x_BSD, _ = mtp(h_BSD[:, :n], model.embed(seq[:, 1:]), model.rope_cos[:n], model.rope_sin[:n])
+        full_BSV = model.head(mtp.norm(x_BSD))
+        drafter, cache = _MTPDrafter(model), model.new_cache(1)
+        _, _, h = model(seq[:, :8], cache=cache, start_pos=0, return_hidden=True)
+        got = [drafter(h, seq[0, 1:9].tolist(), 0)]
+        for p in range(8, n):
+            _, _, h = model(seq[:, p:p + 1], cache=cache, start_pos=p, return_hidden=True)
+            got.append(drafter(h, [int(seq[0, p + 1])], p))
+    torch.testing.assert_close(torch.stack(got), full_BSV[0, 7:], rtol=1e-4, atol=1e-4)

@@ -304,3 +304,10 @@ def test_plots_are_written(tmp_path):
     tc = tiny_run(tmp_path, steps=4, eval_interval=2, plots=True)
     train(tc, TINY)
     assert sorted(os.listdir(os.path.join(tc.out, "plots"))) == ["expert_load.png", "loss.png"]
+
+
+def test_resume_past_the_end_asks_for_more_steps(tmp_path):
+    tc = tiny_run(tmp_path, steps=2)
+    train(tc, TINY)
+    with pytest.raises(ValueError, match="already at step 2: pass --steps larger than 2"):
+        train(tc, resume=True)
