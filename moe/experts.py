@@ -9,7 +9,11 @@ Dispatch is sort-based and dropless by default:
   2. gather the tokens into that order: each expert's tokens are one contiguous slice;
   3. run every expert on its slice: `experts_loop` (readable reference) or `experts_grouped`
      (one torch.nn.functional.grouped_mm per weight, no Python loop);
-  4. put the outputs back in (token, k) order and sum them with the routing weights.
+  4. scale each output by its routing weight and scatter-add it onto its token.
+Steps 2 and 4 are the only data movement routing adds over a dense MLP: one gather of the
+N rows in, one scatter-add of the N rows out (index_select / index_add_, whose backward
+passes are each other, so the backward moves the same bytes). The grouped path folds the
+routing weight into the expert's hidden activation (N x I, smaller than N x D).
 With a capacity factor, each expert keeps only its first ceil(cf * T * K / E) assignments (in
 token order) and the rest are dropped and counted: the classic Switch/GShard behaviour, kept
 for comparison.
@@ -37,7 +41,8 @@ def sort_by_expert(experts_TK: torch.Tensor, n_experts: int, capacity: int | Non
     """Order the T*K assignments by expert; optionally keep at most `capacity` per expert."""
     flat = experts_TK.flatten()
     order_N = flat.argsort(stable=True)
-    counts_E = torch.bincount(flat, minlength=n_experts)
+    # a scatter-add, not bincount: its output shape does not depend on the data (torch.compile)
+    counts_E = flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
     if capacity is None:
         return Dispatch(order_N, counts_E, counts_E.new_zeros(()))
     # rank of each sorted assignment inside its expert's slice; keep the first `capacity`
@@ -58,24 +63,39 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
     return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
+@torch.compiler.disable  # split sizes are data: traced, every new routing would recompile
 def experts_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
                  w3_EDI: torch.Tensor, w2_EID: torch.Tensor) -> torch.Tensor:
     """Reference: run expert e on its contiguous slice of the sorted tokens, one at a time."""
-    outs = []
-    for e, x_nD in enumerate(x_ND.split(counts_E.tolist())):
-        if x_nD.shape[0]:
-            outs.append(swiglu(x_nD, w1_EDI[e], w3_EDI[e], w2_EID[e]))
+    # unbind, not w1_EDI[e]: its backward stacks the E gradients once instead of adding E
+    # zero-padded [E, D, I] copies
+    per_expert = zip(x_ND.split(counts_E.tolist()), w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
+    outs = [swiglu(x_nD, w1, w3, w2) for x_nD, w1, w3, w2 in per_expert if x_nD.shape[0]]
     if not outs:
         return x_ND.new_zeros(0, w2_EID.shape[-1])
     return torch.cat(outs)
 
 
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
-                    w3_EDI: torch.Tensor, w2_EID: torch.Tensor) -> torch.Tensor:
-    """Fast path: the same computation as experts_loop as three grouped matmuls."""
+                    w3_EDI: torch.Tensor, w2_EID: torch.Tensor,
+                    scale_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast path: experts_loop as three grouped matmuls; scale_N (optional) multiplies each row.
+
+    The scale is applied to the hidden activation before w2, which equals scaling the output
+    (w2 is linear) but touches I instead of D columns. (torch 2.13: backward needs an output
+    gradient with real strides, not the stride-0 one of `.sum()`; Experts always gives one.)
+    """
     offs_E = counts_E.cumsum(0).to(torch.int32)
-    h_NI = F.silu(F.grouped_mm(x_ND, w1_EDI, offs=offs_E)) * F.grouped_mm(x_ND, w3_EDI, offs=offs_E)
-    return F.grouped_mm(h_NI, w2_EID, offs=offs_E)
+    gmm = F.grouped_mm
+    if torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16:
+        gmm = _grouped_mm_eager  # torch.compile traces grouped_mm for bf16 only (torch 2.13)
+    h_NI = F.silu(gmm(x_ND, w1_EDI, offs=offs_E)) * gmm(x_ND, w3_EDI, offs=offs_E)
+    if scale_N is not None:
+        h_NI = h_NI * scale_N.unsqueeze(-1)
+    return gmm(h_NI, w2_EID, offs=offs_E)
+
+
+_grouped_mm_eager = torch.compiler.disable(F.grouped_mm)
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -103,11 +123,14 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, D, I))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, I, D))  # down projection
 
+    def use_grouped(self, x_ND: torch.Tensor) -> bool:
+        impl = self.cfg.expert_impl
+        return impl == "grouped" or (impl == "auto" and grouped_mm_supported(x_ND, self.w1, self.w3, self.w2))
+
     def compute(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous slice of the expert-sorted tokens."""
-        impl = self.cfg.expert_impl
         weights = (self.w1, self.w3, self.w2)
-        if impl == "grouped" or (impl == "auto" and grouped_mm_supported(x_ND, *weights)):
+        if self.use_grouped(x_ND):
             return experts_grouped(x_ND, counts_E, *weights)
         return experts_loop(x_ND, counts_E, *weights)
 
@@ -120,10 +143,13 @@ class Experts(nn.Module):
         if cfg.capacity_factor is not None:
             capacity = expert_capacity(cfg.capacity_factor, T, K, cfg.n_routed_experts)
         d = sort_by_expert(experts_TK, cfg.n_routed_experts, capacity)
-        x_ND = x_TD[d.order_N // K]  # each expert's tokens, contiguous
-        y_ND = self.compute(x_ND, d.counts_E)
-        # back to (token, k) order; dropped assignments stay zero
-        D = x_TD.shape[-1]
-        y_TKD = y_ND.new_zeros(T * K, D).index_copy(0, d.order_N, y_ND).view(T, K, D)
-        y_TD = torch.einsum("tkd,tk->td", y_TKD, weights_TK.to(y_TKD.dtype))
+        token_N = d.order_N // K  # which token each sorted assignment belongs to
+        x_ND = x_TD.index_select(0, token_N)  # each expert's tokens, contiguous
+        scale_N = weights_TK.flatten().index_select(0, d.order_N).to(x_TD.dtype)
+        if self.use_grouped(x_ND):
+            y_ND = experts_grouped(x_ND, d.counts_E, self.w1, self.w3, self.w2, scale_N)
+        else:
+            y_ND = experts_loop(x_ND, d.counts_E, self.w1, self.w3, self.w2) * scale_N.unsqueeze(-1)
+        # scatter-add each weighted output onto its token; dropped assignments add nothing
+        y_TD = x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND)
         return y_TD, d.counts_E, d.dropped

@@ -12,6 +12,8 @@ its balancing loss terms, already multiplied by their coefficients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +73,24 @@ class MoE(nn.Module):
         if cfg.z_loss_coef > 0:
             losses["z"] = cfg.z_loss_coef * balance.z_loss(r.logits_TE)
         return losses
+
+
+# parameters that write into the residual stream: their init is scaled down by depth
+OUT_PROJECTIONS = ("wo.weight", "w2.weight", "experts.w2")
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
+    """Every matrix ~ N(0, init_std); residual output projections scaled by 1/sqrt(2 n_layers).
+
+    The rule of Transformer.init_weights, usable on a standalone MoE or MLP (benchmarks).
+    Routers are random too: a zero router scores every expert alike and top-k would then
+    pick by index, not by token. RMSNorm weights (1-D) are left alone.
+    """
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, mean=0.0, std=out_std if name.endswith(OUT_PROJECTIONS) else cfg.init_std)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -1,0 +1,213 @@
+"""The fast paths equal the readable ones, forward and backward.
+
+experts_grouped (grouped_mm, routing weight folded into the hidden activation) against
+experts_loop; the gather / scatter-add dispatch of Experts against a per-token sum; the MoE
+layer with either implementation, eager and under torch.compile; the standalone init.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from moe.config import ModelConfig
+from moe.experts import Experts, experts_grouped, experts_loop, sort_by_expert, swiglu
+from moe.layer import MoE, init_weights, reset_routing_stats, routing_stats
+from moe.model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=3, n_shared_experts=1,
+                n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5,
+                n_layers=1, n_dense_layers=0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_moe(impl: str, seed: int = 0, **kw) -> MoE:
+    cfg = small_cfg(expert_impl=impl, init_std=0.2, **kw)
+    m = MoE(cfg)
+    torch.manual_seed(seed)
+    init_weights(m, cfg)
+    return m
+
+
+def grads_of(m: torch.nn.Module, x: torch.Tensor, gout: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    m.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    y, _ = m(xi)
+    y.backward(gout)
+    return y.detach(), [xi.grad] + [p.grad for p in m.parameters()]
+
+
+def assert_all_close(a: list[torch.Tensor], b: list[torch.Tensor], **tol) -> None:
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, **tol)
+
+
+@pytest.mark.parametrize("T,E,K,seed", [(1, 4, 1, 0), (7, 4, 2, 1), (33, 8, 3, 2), (64, 16, 4, 3)])
+def test_grouped_with_row_scale_equals_loop_times_scale_forward_and_backward(T, E, K, seed):
+    D, I = 32, 16
+    g = torch.Generator().manual_seed(seed)
+    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    d = sort_by_expert(experts_TK, E)
+    x_ND = torch.randn(T * K, D, generator=g)
+    scale_N = torch.rand(T * K, generator=g)
+    weights = [torch.randn(E, D, I, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2,
+               torch.randn(E, I, D, generator=g) * 0.2]
+    gout = torch.randn(T * K, D, generator=g)
+    results = []
+    for fast in (False, True):
+        xi, si = x_ND.clone().requires_grad_(True), scale_N.clone().requires_grad_(True)
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        if fast:
+            y = experts_grouped(xi, d.counts_E, *ws, scale_N=si)
+        else:
+            y = experts_loop(xi, d.counts_E, *ws) * si.unsqueeze(-1)
+        y.backward(gout)
+        results.append([y.detach(), xi.grad, si.grad] + [w.grad for w in ws])
+    assert_all_close(*results, rtol=1e-5, atol=1e-5)
+
+
+def test_unused_experts_get_zero_gradient_in_both_paths():
+    E, D, I = 6, 32, 16
+    counts_E = torch.tensor([3, 0, 2, 0, 0, 1])
+    x = torch.randn(6, D)
+    for fn in (experts_loop, experts_grouped):
+        ws = [torch.randn(E, D, I, requires_grad=True), torch.randn(E, D, I, requires_grad=True),
+              torch.randn(E, I, D, requires_grad=True)]
+        # a random upstream gradient: grouped_mm's backward rejects the stride-0 one of .sum()
+        # (torch 2.13); inside Experts the gradient always arrives contiguous (index_select)
+        y = fn(x, counts_E, *ws)
+        y.backward(torch.randn_like(y))
+        for w in ws:
+            assert w.grad.shape == w.shape
+            assert torch.all(w.grad[[1, 3, 4]] == 0)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_dispatch_equals_per_token_sum_with_weight_gradients(capacity_factor):
+    """Gather, scaled experts, scatter-add == sum_k w_tk * expert(x_t), also for d/dweights."""
+    cfg = small_cfg(capacity_factor=capacity_factor, expert_impl="grouped")
+    ex = Experts(cfg)
+    torch.manual_seed(0)
+    init_weights(ex, cfg.replace(init_std=0.2))
+    T, K = 24, cfg.n_activated_experts
+    g = torch.Generator().manual_seed(1)
+    experts_TK = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:K] for _ in range(T)])
+    x = torch.randn(T, cfg.dim, generator=g, requires_grad=True)
+    w = torch.rand(T, K, generator=g, requires_grad=True)
+    y, counts_E, dropped = ex(x, w, experts_TK)
+    # reference: keep the first `capacity` assignments of each expert in (token, k) order
+    keep = torch.ones(T, K, dtype=torch.bool)
+    if capacity_factor is not None:
+        cap = int(counts_E.max())
+        seen = [0] * cfg.n_routed_experts
+        for t in range(T):
+            for k in range(K):
+                e = int(experts_TK[t, k])
+                keep[t, k] = seen[e] < cap
+                seen[e] += 1
+        assert int(dropped) == int((~keep).sum()) > 0
+    ref = torch.stack([
+        sum((w[t, k] * swiglu(x[t], ex.w1[e], ex.w3[e], ex.w2[e])
+             for k, e in enumerate(experts_TK[t].tolist()) if keep[t, k]), torch.zeros(cfg.dim))
+        for t in range(T)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    gout = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, ex.w1, ex.w2), gout)
+    want = torch.autograd.grad(ref, (x, w, ex.w1, ex.w2), gout)
+    assert_all_close(list(got), list(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 9), (3, 40)])
+def test_moe_loop_and_grouped_agree_forward_and_all_gradients(shape):
+    x = torch.randn(*shape, 32)
+    gout = torch.randn(*shape, 32)
+    loop, grouped = make_moe("loop"), make_moe("grouped")
+    grouped.load_state_dict(loop.state_dict())
+    y0, g0 = grads_of(loop, x, gout)
+    y1, g1 = grads_of(grouped, x, gout)
+    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
+    assert_all_close(g0, g1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loop.tokens_per_expert_E, grouped.tokens_per_expert_E)
+
+
+def test_grouped_bf16_tracks_fp32_loop():
+    x = torch.randn(4, 16, 32)
+    ref = make_moe("loop")
+    fast = make_moe("grouped").to(torch.bfloat16)
+    fast.load_state_dict({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    y_ref, _ = ref(x)
+    y, _ = fast(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    # bf16 has 8 mantissa bits; a few routing flips near ties are allowed for
+    close = (y.float() - y_ref).abs() <= 0.05 * y_ref.abs().max()
+    assert close.float().mean() > 0.95
+
+
+def test_sort_by_expert_counts_match_bincount():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randint(0, 16, (100, 4), generator=g)
+    d = sort_by_expert(e, 16)
+    assert d.counts_E.dtype == torch.int64
+    assert torch.equal(d.counts_E, torch.bincount(e.flatten(), minlength=16))
+    assert torch.equal(e.flatten()[d.order_N], e.flatten().sort(stable=True).values)
+
+
+def test_init_weights_is_the_transformer_rule():
+    cfg = small_cfg(n_layers=2, n_dense_layers=1, vocab_size=64, n_heads=2, attn="mha")
+    a, b = Transformer(cfg), Transformer(cfg)
+    torch.manual_seed(0)
+    a.init_weights()
+    torch.manual_seed(0)
+    init_weights(b, cfg)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_standalone_moe_init_is_random_router_and_scaled_outputs():
+    cfg = small_cfg(n_layers=8)
+    m = MoE(cfg)
+    torch.manual_seed(0)
+    init_weights(m, cfg)
+    assert m.router.weight.std().item() == pytest.approx(cfg.init_std, rel=0.2)
+    assert m.experts.w2.std().item() == pytest.approx(cfg.init_std / 4, rel=0.2)  # 1/sqrt(2*8)
+    assert m.shared.w2.weight.std().item() == pytest.approx(cfg.init_std / 4, rel=0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_moe_under_torch_compile_matches_eager_and_counts_tokens(impl):
+    m = make_moe(impl)
+    compiled = torch.compile(m)
+    reset_routing_stats(m)
+    for shape in [(2, 16), (2, 16), (3, 8)]:
+        x, gout = torch.randn(*shape, 32), torch.randn(*shape, 32)
+        y0, g0 = grads_of(m, x, gout)
+        y1, g1 = grads_of(compiled, x, gout)
+        torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
+        assert_all_close(g0, g1, rtol=1e-4, atol=1e-5)
+    # eager and compiled calls both counted their T*K assignments
+    counts = routing_stats(m)["tokens_per_expert"][0]
+    assert sum(counts) == 2 * (32 + 32 + 24) * m.cfg.n_activated_experts
+
+
+def test_benchmark_factory_builds_our_moe_for_the_peer_harness():
+    spec = importlib.util.spec_from_file_location("bench_moe_layer", os.path.join(ROOT, "benchmarks", "moe_layer.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peer_cfg = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                    n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                    routed_scaling_factor=2.5, hidden_act="silu", init_std=0.02, seed=0, dtype="float32")
+    m = bench.build(peer_cfg)
+    assert isinstance(m, MoE) and m.cfg.score_func == "sigmoid" and m.cfg.n_activated_experts == 2
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    y = m(x)[0]
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in m.parameters())
