@@ -1,0 +1,145 @@
+"""End-to-end training throughput of the toy model: MoE vs its equal-active-FLOPs dense twin.
+
+One step = forward with targets (cross-entropy + balance terms), backward, gradient clipping,
+AdamW, the aux-loss-free bias update and the routing-stat reset: what `moe.train` does per
+step, minus data loading, evaluation and checkpoints. The dense model is
+`moe.config.dense_baseline(cfg)`: every block a SwiGLU of width (top_k + n_shared) *
+moe_inter_dim, i.e. the FFN FLOPs a token meets in the MoE, with no routing. Tokens are
+random bytes (throughput does not depend on the text). Entries are timed interleaved.
+
+  python benchmarks/train_step.py                       # toy preset, 16 x 128 tokens, 2 threads
+  python benchmarks/train_step.py --compile             # also torch.compile'd models
+  python benchmarks/train_step.py --device cuda --set dim=512 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moe.accounting import count_params  # noqa: E402
+from moe.balance import update_bias  # noqa: E402
+from moe.config import ModelConfig, dense_baseline, get_preset, parse_overrides  # noqa: E402
+from moe.layer import reset_routing_stats, routing_stats  # noqa: E402
+from moe.model import Transformer  # noqa: E402
+from moe.train import TrainConfig, build_optimizer  # noqa: E402
+
+
+class Trainer:
+    """A model, its optimizer and one training step."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, compile: bool):
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.model = Transformer(cfg).to(device).train()
+        self.optimizer = build_optimizer(self.model, TrainConfig())
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self, x_BS: torch.Tensor, y_BS: torch.Tensor) -> float:
+        _, losses = self.forward(x_BS, y_BS)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_bias(self.model)
+        reset_routing_stats(self.model)
+        return float(losses["loss"].detach())  # the host sync a real loop has too
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="toy")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
+    ap.add_argument("--impls", default="auto,loop", help="expert_impl values for the MoE model")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per entry per round")
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = get_preset(args.preset).replace(**parse_overrides(args.set))
+    configs = {f"moe[{impl}]": cfg.replace(expert_impl=impl) for impl in args.impls.split(",") if impl}
+    configs["dense"] = dense_baseline(cfg)
+    trainers = {name: Trainer(c, device, False) for name, c in configs.items()}
+    if args.compile:
+        trainers.update({f"{name}+compile": Trainer(c, device, True) for name, c in configs.items()})
+
+    g = torch.Generator().manual_seed(0)
+    x_BS = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    y_BS = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    load_start = os.getloadavg()
+    for t in trainers.values():
+        for _ in range(args.warmup):
+            t.step(x_BS, y_BS)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for _ in range(args.rounds):  # round-robin: a change in machine load hits every entry alike
+        for name, t in trainers.items():
+            for _ in range(args.steps):
+                sync(device)
+                t0 = time.perf_counter()
+                t.step(x_BS, y_BS)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    # balance of one more forward, for the table
+    loads: dict[str, float | None] = {}
+    for name, t in trainers.items():
+        with torch.no_grad():
+            t.model(x_BS)
+        mm = routing_stats(t.model)["max_over_mean_load"]
+        loads[name] = max(mm) if mm else None
+        reset_routing_stats(t.model)
+
+    tokens = args.batch_size * args.seq_len
+    rows = []
+    for name, t in trainers.items():
+        n = count_params(t.cfg)
+        rows.append(dict(name=name, step_ms=1e3 * statistics.median(times[name]), step_min_ms=1e3 * min(times[name]),
+                         tok_s=tokens / statistics.median(times[name]), params_total=n.get("total"),
+                         params_active=n.get("active"), load_max_over_mean=loads[name]))
+    dense = {r["name"].replace("dense", ""): r for r in rows if r["name"].startswith("dense")}
+    for r in rows:
+        ref = dense.get("+compile" if r["name"].endswith("+compile") else "")
+        r["vs_dense"] = r["tok_s"] / ref["tok_s"] if ref else None
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=str(device),
+                threads=torch.get_num_threads(), torch=torch.__version__, preset=args.preset, overrides=args.set,
+                batch=args.batch_size, seq_len=args.seq_len, loadavg_start=load_start, loadavg_end=os.getloadavg(),
+                n_timed=args.rounds * args.steps)
+
+    print(f"\n== train step, preset {args.preset}, {args.batch_size}x{args.seq_len} tokens, {device}, "
+          f"{meta['threads']} threads, median of {meta['n_timed']} interleaved steps ==")
+    print(f"{'model':<20}{'tok/s':>9}{'ms/step':>9}{'min ms':>8}{'vs dense':>9}{'params':>10}{'active':>10}"
+          f"{'max load/mean':>14}")
+    for r in rows:
+        load = "-" if r["load_max_over_mean"] is None else f"{r['load_max_over_mean']:.2f}"
+        print(f"{r['name']:<20}{r['tok_s']:>9.0f}{r['step_ms']:>9.1f}{r['step_min_ms']:>8.1f}{r['vs_dense']:>9.2f}"
+              f"{r['params_total'] / 1e6:>9.2f}M{r['params_active'] / 1e6:>9.2f}M{load:>14}")
+    print(f"load average at start {load_start}, at end {meta['loadavg_end']}")
+    out = dict(meta=meta, rows=rows)
+    print("JSON " + json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
