@@ -152,15 +152,19 @@ def plot_training_loss(records: list[dict], baseline: float | None = None) -> Fi
     return fig
 
 
-def plot_expert_load(records: list[dict]) -> Figure:
+def plot_expert_load(records: list[dict], layer_names: list[str] | None = None) -> Figure:
     """Left: max/mean expert load per MoE layer over training (1.0 = perfectly balanced).
-    Right: each expert's share of the last logged step's tokens, times E (1.0 = its fair share)."""
+    Right: each expert's share of the last logged step's tokens, times E (1.0 = its fair share).
+
+    layer_names: one label per MoE layer in logged order (moe.train.moe_layer_names gives them).
+    """
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     loads = [(r["step"], r["load_max_over_mean"]) for r in records if r.get("load_max_over_mean")]
     if loads:
         steps = [s for s, _ in loads]
         for layer in range(len(loads[0][1])):
-            ax1.plot(steps, _ema([v[layer] for _, v in loads]), label=f"MoE layer {layer}")
+            name = layer_names[layer] if layer_names and layer < len(layer_names) else f"MoE layer {layer}"
+            ax1.plot(steps, _ema([v[layer] for _, v in loads]), label=name)
     ax1.axhline(1.0, color="gray", linestyle=":")
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("max / mean tokens per expert (smoothed)")
@@ -175,7 +179,7 @@ def plot_expert_load(records: list[dict]) -> Figure:
         fig.colorbar(im, ax=ax2, label="tokens x E / total (1 = uniform)")
         ax2.set_xlabel("expert")
         ax2.set_ylabel("MoE layer")
-        ax2.set_yticks(range(len(share)))
+        ax2.set_yticks(range(len(share)), layer_names if layer_names and len(layer_names) == len(share) else None)
         ax2.set_title(f"Expert load at step {counted[-1]['step']}")
     else:
         ax2.axis("off")

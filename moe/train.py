@@ -59,12 +59,12 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainConfig:
     out: str = "runs/train"  # run folder: metrics, checkpoints, plots
-    steps: int = 500  # optimizer steps in the run (also the length of the cosine schedule)
-    batch_size: int = 16  # sequences per micro-batch
+    steps: int = 1000  # optimizer steps in the run (also the length of the cosine schedule)
+    batch_size: int = 4  # sequences per micro-batch (small batches, many steps: best on a CPU budget)
     seq_len: int = 128  # tokens per sequence (<= the model's max_seq_len)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3  # peak learning rate, reached after warmup
-    min_lr: float = 3e-4  # the cosine decays to this
+    lr: float = 2e-3  # peak learning rate, reached after warmup
+    min_lr: float = 2e-4  # the cosine decays to this
     warmup_steps: int = 30  # linear warmup from lr/warmup_steps
     weight_decay: float = 0.1  # AdamW decay, on matrices only (not norms, not biases)
     beta1: float = 0.9
@@ -554,7 +554,8 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
                 is_last = step == end_step or stop.requested
                 if is_last or (tc.eval_interval and step % tc.eval_interval == 0):
                     record["tokens_per_expert"] = stats["tokens_per_expert"]
-                    record.update(evaluate(model, corpus, tc.seq_len, tc.eval_windows, tc.batch_size, device))
+                    # no activations are kept for backward, so 4x the training batch fits
+                    record.update(evaluate(model, corpus, tc.seq_len, tc.eval_windows, 4 * tc.batch_size, device))
                     record["unigram_loss"] = unigram
                     val_loss = record["val_loss"]
                     bar.write(_eval_line(record, unigram))
@@ -614,6 +615,14 @@ def _clear_run(out: str) -> None:
             os.unlink(p)
 
 
+def moe_layer_names(cfg: ModelConfig) -> list[str]:
+    """Labels of the MoE layers in the order routing_stats lists them: blocks, then MTP blocks."""
+    names = [f"block {i}" for i in range(cfg.n_dense_layers, cfg.n_layers)]
+    if cfg.n_moe_layers:
+        names += [f"MTP {k}" for k in range(1, cfg.n_mtp + 1)]
+    return names
+
+
 def write_plots(out: str) -> list[str]:
     """Loss curves and expert load from OUT/metrics.jsonl into OUT/plots; returns the paths."""
     from moe import plots
@@ -621,10 +630,15 @@ def write_plots(out: str) -> list[str]:
     records = read_metrics(out)
     if not records:
         return []
+    latest = latest_checkpoint(out)
+    names = None
+    if latest and os.path.isfile(os.path.join(latest, "config.json")):
+        names = moe_layer_names(ModelConfig.load(os.path.join(latest, "config.json")))
     baseline = next((r["unigram_loss"] for r in reversed(records) if "unigram_loss" in r), None)
     paths = [plots.save(plots.plot_training_loss(records, baseline), os.path.join(out, "plots", "loss.png"))]
     if any("load_max_over_mean" in r and r["load_max_over_mean"] for r in records):
-        paths.append(plots.save(plots.plot_expert_load(records), os.path.join(out, "plots", "expert_load.png")))
+        paths.append(plots.save(plots.plot_expert_load(records, names),
+                                os.path.join(out, "plots", "expert_load.png")))
     return paths
 
 
@@ -776,10 +790,9 @@ def _human(n: float) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    d = TrainConfig()  # defaults shown in --help come from the dataclass
     p = subparsers.add_parser(
         "train", help="train a model (default: the toy preset on the embedded prose + code corpus)",
-        formatter_class=fmt,
         description="Train with AdamW (warmup + cosine), gradient clipping and accumulation. Writes "
                     "OUT/metrics.jsonl, atomic safetensors checkpoints and OUT/plots. Examples: "
                     "python -m moe train --preset toy --steps 300 --out runs/toy ; "
@@ -789,32 +802,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--config", metavar="FILE.json", default=None, help="a ModelConfig JSON file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set n_mtp=1 (repeatable)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/train)")
+    p.add_argument("--out", default=None, help=f"run folder (default: {d.out})")
     p.add_argument("--resume", metavar="OUT", default=None,
                    help="continue the run in OUT from its last checkpoint (bit for bit); flags you pass "
                         "override the saved training settings, e.g. a larger --steps")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out already holds a run")
     p.add_argument("--data", metavar="FILE", default=None,
                    help="train on this UTF-8 text file instead of the embedded corpus")
-    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: 500)")
+    p.add_argument("--steps", type=_positive_int, default=None, help=f"optimizer steps (default: {d.steps})")
     p.add_argument("--stop-at", type=_positive_int, default=None,
                    help="stop after this step with a checkpoint (the schedule still spans --steps)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per micro-batch (default: 16)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (default: 128)")
-    p.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per step (default: 1)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: 3e-3)")
-    p.add_argument("--min-lr", type=_non_negative_float, default=None, help="final learning rate (default: 3e-4)")
-    p.add_argument("--warmup", type=_non_negative_int, default=None, help="warmup steps (default: 30)")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=None, help="AdamW decay (default: 0.1)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"sequences per micro-batch (default: {d.batch_size})")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
+    p.add_argument("--grad-accum", type=_positive_int, default=None,
+                   help=f"micro-batches per step (default: {d.grad_accum})")
+    p.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: {d.lr:g})")
+    p.add_argument("--min-lr", type=_non_negative_float, default=None,
+                   help=f"final learning rate (default: {d.min_lr:g})")
+    p.add_argument("--warmup", type=_non_negative_int, default=None, help=f"warmup steps (default: {d.warmup_steps})")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                   help=f"AdamW decay (default: {d.weight_decay:g})")
     p.add_argument("--grad-clip", type=_non_negative_float, default=None,
-                   help="max gradient norm, 0 = off (default: 1.0)")
+                   help=f"max gradient norm, 0 = off (default: {d.grad_clip:g})")
     p.add_argument("--eval-interval", type=_non_negative_int, default=None,
-                   help="steps between validation evals, 0 = at the end only (default: 100)")
+                   help=f"steps between validation evals, 0 = at the end only (default: {d.eval_interval})")
     p.add_argument("--eval-windows", type=_positive_int, default=None,
-                   help="validation windows per eval (default: 64)")
+                   help=f"validation windows per eval (default: {d.eval_windows})")
     p.add_argument("--save-interval", type=_non_negative_int, default=None,
                    help="steps between checkpoints, 0 = at the end only (default: the eval interval)")
-    p.add_argument("--seed", type=_non_negative_int, default=None, help="init and batch-order seed (default: 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=None,
+                   help=f"init and batch-order seed (default: {d.seed})")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto = cuda if available)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: one per core). Small models on a busy machine "
@@ -824,7 +842,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     q = subparsers.add_parser(
-        "info", help="show a run's config, parameter counts and last metrics", formatter_class=fmt,
+        "info", help="show a run's config, parameter counts and last metrics",
         description="Print the model config, total/active parameters, checkpoint step and last metrics of "
                     "a run folder. Example: python -m moe info runs/demo")
     q.add_argument("run", metavar="OUT", help="run folder written by train (or one of its ckpt-* folders)")

@@ -16,7 +16,7 @@ from moe.train import TrainConfig, train
 TINY = PRESETS["toy"].replace(dim=32, n_layers=2, n_heads=2, max_seq_len=64, kv_lora_rank=16,
                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, inter_dim=64,
                               moe_inter_dim=16, n_routed_experts=4, n_activated_experts=2,
-                              n_expert_groups=2, n_limited_groups=1, init_std=0.3)
+                              n_expert_groups=2, n_limited_groups=1, init_std=0.3, n_mtp=0)
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from moe.train import TrainConfig, TrainingDiverged, load_checkpoint, load_model
 TINY = PRESETS["toy"].replace(dim=32, n_layers=2, n_heads=2, max_seq_len=64, kv_lora_rank=16,
                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, inter_dim=64,
                               moe_inter_dim=16, n_routed_experts=4, n_activated_experts=2,
-                              n_expert_groups=2, n_limited_groups=1)
+                              n_expert_groups=2, n_limited_groups=1, n_mtp=0)
 
 SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "def add(a, b):\n    return a + b\n",
              "the sun is hot and the sea is wide. ", "for i in range(10):\n    print(i)\n"]
