@@ -34,13 +34,13 @@ test-fast: lint
 # Samples stay within the 128-byte training context (quality drops beyond what was trained).
 DEMO_STEPS ?= 1000
 DEMO_THREADS ?= 1
-SAMPLE := --max-new-tokens 120 --temperature 0.6 --top-k 20 --device cpu
+SAMPLE := --max-new-tokens 120 --temperature 0.8 --top-k 40 --device cpu
 demo: install
 	$(PY) -m moe train --preset toy --set n_mtp=1 --out $(OUT) --steps $(DEMO_STEPS) --threads $(DEMO_THREADS) --overwrite
 	@echo "--- sample, prose prompt"
-	@OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m moe generate $(OUT) --prompt "The " $(SAMPLE) --seed 1
+	@OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m moe generate $(OUT) --prompt "The " $(SAMPLE) --seed 2
 	@echo "--- sample, code prompt"
-	@OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m moe generate $(OUT) --prompt "    def __init__(self" $(SAMPLE) --seed 2
+	@OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m moe generate $(OUT) --prompt "    def __init__(self" $(SAMPLE) --seed 1
 	@echo "--- sample, speculative decoding: the MTP module drafts, the main model verifies"
 	@OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m moe generate $(OUT) --prompt "import " $(SAMPLE) --seed 3 --speculative
 	@echo "demo done: run folder $(OUT) (metrics.jsonl, checkpoint); plots in $(OUT)/plots (loss.png, expert_load.png)"
