@@ -272,8 +272,11 @@ def save_checkpoint(out: str, model: Transformer, optimizer: torch.optim.Optimiz
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                  **extra}
         torch.save(state, os.path.join(tmp, "state.pt"))
+        names = ("model.safetensors", "config.json", "train.json", "state.pt")
+        for f in names:
+            os.chmod(os.path.join(tmp, f), 0o666 & ~_umask())
         files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
-                 for f in ("model.safetensors", "config.json", "train.json", "state.pt")}
+                 for f in names}
         _write_text(os.path.join(tmp, "manifest.json"),
                           json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files}, indent=2) + "\n")
         os.replace(tmp, final)
