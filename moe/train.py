@@ -126,6 +126,7 @@ class TrainResult:
     val_loss: float | None = None  # nats per byte (token), last evaluation
     unigram_loss: float | None = None  # nats per byte of the train-frequency baseline on val
     stopped_early: bool = False  # stop_at or Ctrl-C: --resume continues
+    interrupted: bool = False  # Ctrl-C (SIGINT) ended the run, after a checkpoint
 
 
 # ------------------------------------------------------------------------------ small pieces
@@ -508,6 +509,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
     last: dict[str, Any] = {}
     val_loss: float | None = None
     step = start_step
+    interrupted = False
 
     def checkpoint() -> str:
         extra = {"elapsed_s": elapsed, "tokens": tokens_seen,
@@ -573,6 +575,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
                 if is_last or (save_every and step % save_every == 0):
                     last_ckpt = checkpoint()
                 if stop.requested:
+                    interrupted = True
                     bar.write(f"interrupted: checkpoint saved at step {step}; continue with "
                               f"python -m moe train --resume {out}")
                     break
@@ -581,7 +584,8 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
         metrics_file.close()
     if tc.plots and step > start_step:
         write_plots(out)
-    return TrainResult(model, out, step, last_ckpt, last, val_loss, unigram, stopped_early=step < tc.steps)
+    return TrainResult(model, out, step, last_ckpt, last, val_loss, unigram, stopped_early=step < tc.steps,
+                       interrupted=interrupted)
 
 
 def _diverged_message(what: str, value: float, step: int, last_ckpt: str | None) -> str:
@@ -728,7 +732,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary_text(result))
-    return 0
+    return 130 if result.interrupted else 0  # the shell's code for Ctrl-C: `make` and `&&` stop
 
 
 def summary_text(result: TrainResult) -> str:

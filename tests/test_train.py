@@ -311,3 +311,25 @@ def test_resume_past_the_end_asks_for_more_steps(tmp_path):
     train(tc, TINY)
     with pytest.raises(ValueError, match="already at step 2: pass --steps larger than 2"):
         train(tc, resume=True)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
+    import signal
+
+    tc = tiny_run(tmp_path, steps=10, eval_interval=0)
+    real_forward = Transformer.forward
+    calls = {"n": 0}
+
+    def forward(self, tokens, targets=None, *args, **kwargs):
+        if targets is not None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        return real_forward(self, tokens, targets, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    result = train(tc, TINY)
+    monkeypatch.undo()
+    assert result.interrupted and result.stopped_early and result.step == 3
+    assert load_checkpoint(tc.out).step == 3
+    assert train(tc, resume=True).step == 10
