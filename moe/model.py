@@ -9,15 +9,13 @@ coefficient) and, given targets, "ce", "mtp" (when n_mtp > 0) and their sum "los
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe.attention import RMSNorm, build_attention
 from moe.config import ModelConfig
-from moe.layer import MLP, MoE
+from moe.layer import MLP, MoE, init_weights
 from moe.rope import rope_tables
 
 IGNORE_INDEX = -100  # targets with this value add no loss
@@ -65,20 +63,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        """Every matrix ~ N(0, init_std); residual output projections scaled by 1/sqrt(2 n_layers).
-
-        Routers are random too: a zero router scores every expert alike and top-k would
-        then pick by index, not by token.
-        """
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # RMSNorm weights stay at 1
-            is_out = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
-            nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
+        """The one init rule (moe.layer.init_weights): N(0, init_std), residual outputs scaled
+        by 1/sqrt(2 n_layers), random routers, RMSNorm weights at 1."""
+        init_weights(self, self.cfg)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[dict]:
         """An empty KV cache per block (MLA caches only the latent and the RoPE key)."""
