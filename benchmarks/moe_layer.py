@@ -300,6 +300,9 @@ def run_comparison(args: argparse.Namespace, cfg: ModelConfig, device: torch.dev
                              f"token-expert pair) > --max-gb {args.max_gb:g}")
                 continue
             builders[f"hf[{impl}]"] = lambda impl=impl: build_hf(cfg, impl)
+        probe = build_ours(cfg, "auto").to(device, dtype)
+        auto = "grouped" if probe.experts.use_grouped(x.new_empty(T * cfg.n_activated_experts, cfg.dim)) else "loop"
+        notes.append(f"{B}x{S}: expert_impl='auto' picks {auto} here")
         entries: dict[str, nn.Module] = {}
         for name, make in builders.items():
             torch.manual_seed(0)

@@ -11,9 +11,11 @@ Dispatch is sort-based and dropless by default:
      (one torch.nn.functional.grouped_mm per weight, no Python loop);
   4. scale each output by its routing weight and scatter-add it onto its token.
 Steps 2 and 4 are the only data movement routing adds over a dense MLP: one gather of the
-N rows in, one scatter-add of the N rows out (index_select / index_add_, whose backward
-passes are each other, so the backward moves the same bytes). The grouped path folds the
-routing weight into the expert's hidden activation (N x I, smaller than N x D).
+N rows in (index_select) and one scatter-add of the N rows out (index_add_); each is the
+other's backward. Experts runs steps 3-4 either as three grouped matmuls over all N rows
+then one scatter-add (GPU, torch.compile), or one expert at a time, adding its rows onto
+their tokens as soon as they are computed (`experts_loop_add`, CPU): an expert's rows are
+then still in cache, and nothing N x D is materialised on the way out.
 With a capacity factor, each expert keeps only its first ceil(cf * T * K / E) assignments (in
 token order) and the rest are dropped and counted: the classic Switch/GShard behaviour, kept
 for comparison.
@@ -76,6 +78,24 @@ def experts_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tenso
     return torch.cat(outs)
 
 
+@torch.compiler.disable  # as experts_loop
+def experts_loop_add(y_TD: torch.Tensor, x_ND: torch.Tensor, token_N: torch.Tensor, scale_N: torch.Tensor,
+                     counts_E: torch.Tensor, w1_EDI: torch.Tensor, w3_EDI: torch.Tensor,
+                     w2_EID: torch.Tensor) -> torch.Tensor:
+    """experts_loop with the combine fused in: y_TD[token_N] += scale_N * expert(x_ND), per expert.
+
+    The CPU path: each expert's rows are scatter-added while still in cache, instead of
+    gathering all N outputs first (see docs/performance.md).
+    """
+    sizes = counts_E.tolist()
+    per_expert = zip(x_ND.split(sizes), token_N.split(sizes), scale_N.split(sizes),
+                     w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
+    for x_nD, token_n, scale_n, w1, w3, w2 in per_expert:
+        if token_n.numel():
+            y_TD.index_add_(0, token_n, swiglu(x_nD, w1, w3, w2) * scale_n.unsqueeze(-1))
+    return y_TD
+
+
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
                     w3_EDI: torch.Tensor, w2_EID: torch.Tensor,
                     scale_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,6 +132,10 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
                and (w.shape[-2] * w.element_size()) % 16 == 0 for w in weights)
 
 
+# CPU crossover of 'auto' (benchmarks/moe_layer.py --crossover): grouped_mm below, loop above
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 192
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts, weights stacked as w1, w3: [E, D, I] and w2: [E, I, D]."""
 
@@ -124,8 +148,18 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, I, D))  # down projection
 
     def use_grouped(self, x_ND: torch.Tensor) -> bool:
+        """'auto': grouped_mm on GPU; on CPU grouped_mm for small batches, the loop for large.
+
+        Measured on CPU (docs/performance.md, the crossover): one grouped call wins while
+        experts get few rows each; from a few hundred rows per expert the loop, which keeps
+        each expert's rows in cache, is 5-30% faster.
+        """
         impl = self.cfg.expert_impl
-        return impl == "grouped" or (impl == "auto" and grouped_mm_supported(x_ND, self.w1, self.w3, self.w2))
+        if impl != "auto":
+            return impl == "grouped"
+        if not grouped_mm_supported(x_ND, self.w1, self.w3, self.w2):
+            return False
+        return x_ND.device.type != "cpu" or x_ND.shape[0] < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.cfg.n_routed_experts
 
     def compute(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous slice of the expert-sorted tokens."""
@@ -146,10 +180,10 @@ class Experts(nn.Module):
         token_N = d.order_N // K  # which token each sorted assignment belongs to
         x_ND = x_TD.index_select(0, token_N)  # each expert's tokens, contiguous
         scale_N = weights_TK.flatten().index_select(0, d.order_N).to(x_TD.dtype)
+        y_TD = x_TD.new_zeros(T, x_TD.shape[-1])  # dropped assignments add nothing
         if self.use_grouped(x_ND):
             y_ND = experts_grouped(x_ND, d.counts_E, self.w1, self.w3, self.w2, scale_N)
+            y_TD = y_TD.index_add_(0, token_N, y_ND)
         else:
-            y_ND = experts_loop(x_ND, d.counts_E, self.w1, self.w3, self.w2) * scale_N.unsqueeze(-1)
-        # scatter-add each weighted output onto its token; dropped assignments add nothing
-        y_TD = x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND)
+            y_TD = experts_loop_add(y_TD, x_ND, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2)
         return y_TD, d.counts_E, d.dropped

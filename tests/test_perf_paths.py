@@ -1,8 +1,9 @@
 """The fast paths equal the readable ones, forward and backward.
 
-experts_grouped (grouped_mm, routing weight folded into the hidden activation) against
-experts_loop; the gather / scatter-add dispatch of Experts against a per-token sum; the MoE
-layer with either implementation, eager and under torch.compile; the standalone init.
+experts_grouped (grouped_mm, routing weight folded into the hidden activation) and
+experts_loop_add (per-expert scatter-add, the CPU path) against experts_loop; the gather /
+scatter-add dispatch of Experts against a per-token sum; the MoE layer with either
+implementation, eager and under torch.compile; the 'auto' choice; the standalone init.
 """
 
 import importlib.util
@@ -12,7 +13,15 @@ import pytest
 import torch
 
 from moe.config import ModelConfig
-from moe.experts import Experts, experts_grouped, experts_loop, sort_by_expert, swiglu
+from moe.experts import (
+    CPU_LOOP_MIN_ROWS_PER_EXPERT,
+    Experts,
+    experts_grouped,
+    experts_loop,
+    experts_loop_add,
+    sort_by_expert,
+    swiglu,
+)
 from moe.layer import MoE, init_weights, reset_routing_stats, routing_stats
 from moe.model import Transformer
 
@@ -71,6 +80,50 @@ def test_grouped_with_row_scale_equals_loop_times_scale_forward_and_backward(T, 
         y.backward(gout)
         results.append([y.detach(), xi.grad, si.grad] + [w.grad for w in ws])
     assert_all_close(*results, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,E,K,seed", [(1, 4, 1, 0), (7, 4, 2, 1), (33, 8, 3, 2), (64, 16, 4, 3)])
+def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(T, E, K, seed):
+    D, I = 32, 16
+    g = torch.Generator().manual_seed(seed)
+    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    d = sort_by_expert(experts_TK, E)
+    token_N = d.order_N // K
+    x_TD = torch.randn(T, D, generator=g)
+    scale_N = torch.rand(T * K, generator=g)
+    weights = [torch.randn(E, D, I, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2,
+               torch.randn(E, I, D, generator=g) * 0.2]
+    gout = torch.randn(T, D, generator=g)
+    results = []
+    for fused in (False, True):
+        xi, si = x_TD.clone().requires_grad_(True), scale_N.clone().requires_grad_(True)
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        x_ND = xi.index_select(0, token_N)
+        y = torch.zeros(T, D)
+        if fused:
+            y = experts_loop_add(y, x_ND, token_N, si, d.counts_E, *ws)
+        else:
+            y = y.index_add(0, token_N, experts_loop(x_ND, d.counts_E, *ws) * si.unsqueeze(-1))
+        y.backward(gout)
+        results.append([y.detach(), xi.grad, si.grad] + [w.grad for w in ws])
+    assert_all_close(*results, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu_is_grouped_for_small_batches_and_the_loop_for_large():
+    ex = Experts(small_cfg(expert_impl="auto"))
+    rows = CPU_LOOP_MIN_ROWS_PER_EXPERT * ex.cfg.n_routed_experts
+    assert ex.use_grouped(torch.randn(rows - 1, 32))
+    assert not ex.use_grouped(torch.randn(rows, 32))
+    assert not ex.use_grouped(torch.randn(4, 32).double())  # grouped_mm has no float64
+    assert Experts(small_cfg(expert_impl="grouped")).use_grouped(torch.randn(rows, 32))
+    assert not Experts(small_cfg(expert_impl="loop")).use_grouped(torch.randn(4, 32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_is_grouped_on_gpu():
+    ex = Experts(small_cfg(expert_impl="auto")).cuda()
+    assert ex.use_grouped(torch.randn(4, 32, device="cuda"))
+    assert ex.use_grouped(torch.randn(4, 32, device="cuda", dtype=torch.bfloat16)) is False  # weights fp32
 
 
 def test_unused_experts_get_zero_gradient_in_both_paths():
