@@ -301,7 +301,7 @@ def run_comparison(args: argparse.Namespace, cfg: ModelConfig, device: torch.dev
                 continue
             builders[f"hf[{impl}]"] = lambda impl=impl: build_hf(cfg, impl)
         probe = build_ours(cfg, "auto").to(device, dtype)
-        auto = "grouped" if probe.experts.use_grouped(x.new_empty(T * cfg.n_activated_experts, cfg.dim)) else "loop"
+        auto = "grouped" if probe.experts.use_grouped(x, T * cfg.n_activated_experts) else "loop"
         notes.append(f"{B}x{S}: expert_impl='auto' picks {auto} here")
         entries: dict[str, nn.Module] = {}
         for name, make in builders.items():

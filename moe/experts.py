@@ -12,10 +12,12 @@ Dispatch is sort-based and dropless by default:
   4. scale each output by its routing weight and scatter-add it onto its token.
 Steps 2 and 4 are the only data movement routing adds over a dense MLP: one gather of the
 N rows in (index_select) and one scatter-add of the N rows out (index_add_); each is the
-other's backward. Experts runs steps 3-4 either as three grouped matmuls over all N rows
-then one scatter-add (GPU, torch.compile), or one expert at a time, adding its rows onto
-their tokens as soon as they are computed (`experts_loop_add`, CPU): an expert's rows are
-then still in cache, and nothing N x D is materialised on the way out.
+other's backward. Experts runs them in one of two ways ('auto' picks by device and size):
+  - grouped (GPU, small CPU batches): gather all N rows, three grouped matmuls with the
+    routing weight folded into the hidden activation, one scatter-add;
+  - loop (large CPU batches): `experts_loop_add`, one expert at a time, gather its rows,
+    compute, scatter-add them straight away while they are in cache; forward and backward
+    are written out by hand so each expert's gradients also land directly in place.
 With a capacity factor, each expert keeps only its first ceil(cf * T * K / E) assignments (in
 token order) and the rest are dropped and counted: the classic Switch/GShard behaviour, kept
 for comparison.
@@ -79,21 +81,78 @@ def experts_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tenso
 
 
 @torch.compiler.disable  # as experts_loop
-def experts_loop_add(y_TD: torch.Tensor, x_ND: torch.Tensor, token_N: torch.Tensor, scale_N: torch.Tensor,
-                     counts_E: torch.Tensor, w1_EDI: torch.Tensor, w3_EDI: torch.Tensor,
-                     w2_EID: torch.Tensor) -> torch.Tensor:
-    """experts_loop with the combine fused in: y_TD[token_N] += scale_N * expert(x_ND), per expert.
+def experts_loop_add(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.Tensor, counts_E: torch.Tensor,
+                     w1_EDI: torch.Tensor, w3_EDI: torch.Tensor, w2_EID: torch.Tensor) -> torch.Tensor:
+    """y_TD[token_N] += scale_N * expert(x_TD[token_N]), one expert at a time (the CPU fast path).
 
-    The CPU path: each expert's rows are scatter-added while still in cache, instead of
-    gathering all N outputs first (see docs/performance.md).
+    Equals x_ND = x_TD[token_N]; zeros.index_add_(0, token_N, experts_loop(x_ND, ...) * scale_N),
+    in value and in every gradient (tests/test_perf_paths.py). Run by autograd, that loop
+    would keep an N x D gathered copy and concatenate per-expert gradients; here each
+    expert's rows are scattered while still in cache and its gradients written in place.
     """
-    sizes = counts_E.tolist()
-    per_expert = zip(x_ND.split(sizes), token_N.split(sizes), scale_N.split(sizes),
-                     w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
-    for x_nD, token_n, scale_n, w1, w3, w2 in per_expert:
-        if token_n.numel():
-            y_TD.index_add_(0, token_n, swiglu(x_nD, w1, w3, w2) * scale_n.unsqueeze(-1))
-    return y_TD
+    return _LoopAdd.apply(x_TD, token_N, scale_N, counts_E, w1_EDI, w3_EDI, w2_EID)
+
+
+class _LoopAdd(torch.autograd.Function):
+    """Forward and backward of experts_loop_add. Per expert, with s the routing weights:
+    a = x w1, b = x w3, h = silu(a) * b, y = (s * h) w2. Saved: x, a, b (as autograd would)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_N, scale_N, counts_E, w1_EDI, w3_EDI, w2_EID):
+        sizes = counts_E.tolist()
+        N, I = token_N.numel(), w1_EDI.shape[-1]
+        keep = any(ctx.needs_input_grad)  # else per-expert temporaries, nothing saved
+        x_ND = x_TD.new_empty(N, x_TD.shape[-1]) if keep else None
+        a_NI, b_NI = (x_TD.new_empty(N, I), x_TD.new_empty(N, I)) if keep else (None, None)
+        y_TD = x_TD.new_zeros(x_TD.shape[0], w2_EID.shape[-1])
+        for e, rows in _expert_slices(sizes):
+            token_n = token_N[rows]
+            x = torch.index_select(x_TD, 0, token_n, out=x_ND[rows] if keep else None)
+            a = torch.mm(x, w1_EDI[e], out=a_NI[rows] if keep else None)
+            b = torch.mm(x, w3_EDI[e], out=b_NI[rows] if keep else None)
+            h = F.silu(a).mul_(b).mul_(scale_N[rows].unsqueeze(-1))
+            y_TD.index_add_(0, token_n, h @ w2_EID[e])
+        if keep:
+            ctx.sizes, ctx.n_tokens = sizes, x_TD.shape[0]
+            ctx.save_for_backward(x_ND, token_N, scale_N, w1_EDI, w3_EDI, w2_EID, a_NI, b_NI)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        x_ND, token_N, scale_N, w1_EDI, w3_EDI, w2_EID, a_NI, b_NI = ctx.saved_tensors
+        need_x, _, need_s, _, *need_w = ctx.needs_input_grad
+        g_TD = g_TD.contiguous()
+        gx_TD = x_ND.new_zeros(ctx.n_tokens, x_ND.shape[-1]) if need_x else None
+        gs_N = torch.empty_like(scale_N) if need_s else None
+        gw1, gw3, gw2 = (torch.zeros_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
+        for e, rows in _expert_slices(ctx.sizes):
+            token_n, s = token_N[rows], scale_N[rows].unsqueeze(-1)
+            x, a, b = x_ND[rows], a_NI[rows], b_NI[rows]
+            g = g_TD.index_select(0, token_n)
+            sa = F.silu(a)
+            h = sa * b
+            gh = g @ w2_EID[e].t()  # d/d(s * h)
+            if need_s:
+                torch.sum(gh * h, dim=-1, out=gs_N[rows])
+            torch.mm(h.mul_(s).t(), g, out=gw2[e])
+            gh.mul_(s)  # d/dh
+            gb = gh * sa
+            ga = torch.ops.aten.silu_backward(gh.mul_(b), a)
+            torch.mm(x.t(), ga, out=gw1[e])
+            torch.mm(x.t(), gb, out=gw3[e])
+            if need_x:
+                gx_TD.index_add_(0, token_n, torch.mm(ga, w1_EDI[e].t()).addmm_(gb, w3_EDI[e].t()))
+        gw1, gw3, gw2 = (gw if need else None for gw, need in zip((gw1, gw3, gw2), need_w))
+        return gx_TD, None, gs_N, None, gw1, gw3, gw2
+
+
+def _expert_slices(sizes: list[int]):
+    """(expert, slice of its rows in the expert-sorted order) for every expert with rows."""
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
 
 
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
@@ -147,24 +206,24 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, D, I))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, I, D))  # down projection
 
-    def use_grouped(self, x_ND: torch.Tensor) -> bool:
+    def use_grouped(self, x: torch.Tensor, n_rows: int) -> bool:
         """'auto': grouped_mm on GPU; on CPU grouped_mm for small batches, the loop for large.
 
         Measured on CPU (docs/performance.md, the crossover): one grouped call wins while
         experts get few rows each; from a few hundred rows per expert the loop, which keeps
-        each expert's rows in cache, is 5-30% faster.
+        each expert's rows in cache, is faster.
         """
         impl = self.cfg.expert_impl
         if impl != "auto":
             return impl == "grouped"
-        if not grouped_mm_supported(x_ND, self.w1, self.w3, self.w2):
+        if not grouped_mm_supported(x, self.w1, self.w3, self.w2):
             return False
-        return x_ND.device.type != "cpu" or x_ND.shape[0] < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.cfg.n_routed_experts
+        return x.device.type != "cpu" or n_rows < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.cfg.n_routed_experts
 
     def compute(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous slice of the expert-sorted tokens."""
         weights = (self.w1, self.w3, self.w2)
-        if self.use_grouped(x_ND):
+        if self.use_grouped(x_ND, x_ND.shape[0]):
             return experts_grouped(x_ND, counts_E, *weights)
         return experts_loop(x_ND, counts_E, *weights)
 
@@ -178,12 +237,12 @@ class Experts(nn.Module):
             capacity = expert_capacity(cfg.capacity_factor, T, K, cfg.n_routed_experts)
         d = sort_by_expert(experts_TK, cfg.n_routed_experts, capacity)
         token_N = d.order_N // K  # which token each sorted assignment belongs to
-        x_ND = x_TD.index_select(0, token_N)  # each expert's tokens, contiguous
         scale_N = weights_TK.flatten().index_select(0, d.order_N).to(x_TD.dtype)
-        y_TD = x_TD.new_zeros(T, x_TD.shape[-1])  # dropped assignments add nothing
-        if self.use_grouped(x_ND):
-            y_ND = experts_grouped(x_ND, d.counts_E, self.w1, self.w3, self.w2, scale_N)
-            y_TD = y_TD.index_add_(0, token_N, y_ND)
-        else:
-            y_TD = experts_loop_add(y_TD, x_ND, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2)
+        if not self.use_grouped(x_TD, token_N.numel()):
+            y_TD = experts_loop_add(x_TD, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2)
+            return y_TD, d.counts_E, d.dropped
+        x_ND = x_TD.index_select(0, token_N)  # each expert's tokens, contiguous
+        y_ND = experts_grouped(x_ND, d.counts_E, self.w1, self.w3, self.w2, scale_N)
+        # scatter-add each weighted output onto its token; dropped assignments add nothing
+        y_TD = x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND)
         return y_TD, d.counts_E, d.dropped

@@ -98,32 +98,67 @@ def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(T, E, K, see
     for fused in (False, True):
         xi, si = x_TD.clone().requires_grad_(True), scale_N.clone().requires_grad_(True)
         ws = [w.clone().requires_grad_(True) for w in weights]
-        x_ND = xi.index_select(0, token_N)
-        y = torch.zeros(T, D)
         if fused:
-            y = experts_loop_add(y, x_ND, token_N, si, d.counts_E, *ws)
+            y = experts_loop_add(xi, token_N, si, d.counts_E, *ws)
         else:
-            y = y.index_add(0, token_N, experts_loop(x_ND, d.counts_E, *ws) * si.unsqueeze(-1))
+            x_ND = xi.index_select(0, token_N)
+            y = torch.zeros(T, D).index_add(0, token_N, experts_loop(x_ND, d.counts_E, *ws) * si.unsqueeze(-1))
         y.backward(gout)
         results.append([y.detach(), xi.grad, si.grad] + [w.grad for w in ws])
     assert_all_close(*results, rtol=1e-5, atol=1e-5)
 
 
+def test_loop_add_gradcheck_float64_with_empty_experts():
+    E, T, K, D, I = 5, 6, 2, 4, 3
+    g = torch.Generator().manual_seed(0)
+    experts_TK = torch.tensor([[0, 2], [2, 0], [0, 4], [4, 2], [2, 0], [0, 2]])  # experts 1, 3 unused
+    d = sort_by_expert(experts_TK, E)
+    token_N = d.order_N // K
+    x = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(T * K, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+          for shape in ((E, D, I), (E, D, I), (E, I, D))]
+    assert torch.autograd.gradcheck(lambda x, s, *ws: experts_loop_add(x, token_N, s, d.counts_E, *ws), (x, s, *ws))
+
+
+def test_loop_add_with_partial_gradients_and_without_grad():
+    E, T, K, D, I = 4, 10, 2, 8, 4
+    g = torch.Generator().manual_seed(1)
+    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    d = sort_by_expert(experts_TK, E)
+    token_N = d.order_N // K
+    x, s = torch.randn(T, D, generator=g), torch.rand(T * K, generator=g)
+    ws = [torch.randn(E, D, I, generator=g), torch.randn(E, D, I, generator=g), torch.randn(E, I, D, generator=g)]
+    ref = torch.zeros(T, D).index_add(0, token_N, experts_loop(x[token_N], d.counts_E, *ws) * s.unsqueeze(-1))
+    with torch.no_grad():  # inference: nothing saved
+        torch.testing.assert_close(experts_loop_add(x, token_N, s, d.counts_E, *ws), ref)
+    w2 = ws[2].clone().requires_grad_(True)  # only one weight trains: the others get no gradient
+    y = experts_loop_add(x, token_N, s, d.counts_E, ws[0], ws[1], w2)
+    (gw2,) = torch.autograd.grad(y, (w2,), torch.ones_like(y) * 0.5)
+    w2_ref = ws[2].clone().requires_grad_(True)
+    y_ref = torch.zeros(T, D).index_add(0, token_N, experts_loop(x[token_N], d.counts_E, ws[0], ws[1], w2_ref)
+                                        * s.unsqueeze(-1))
+    (gw2_ref,) = torch.autograd.grad(y_ref, (w2_ref,), torch.ones_like(y_ref) * 0.5)
+    torch.testing.assert_close(gw2, gw2_ref)
+
+
 def test_auto_on_cpu_is_grouped_for_small_batches_and_the_loop_for_large():
     ex = Experts(small_cfg(expert_impl="auto"))
     rows = CPU_LOOP_MIN_ROWS_PER_EXPERT * ex.cfg.n_routed_experts
-    assert ex.use_grouped(torch.randn(rows - 1, 32))
-    assert not ex.use_grouped(torch.randn(rows, 32))
-    assert not ex.use_grouped(torch.randn(4, 32).double())  # grouped_mm has no float64
-    assert Experts(small_cfg(expert_impl="grouped")).use_grouped(torch.randn(rows, 32))
-    assert not Experts(small_cfg(expert_impl="loop")).use_grouped(torch.randn(4, 32))
+    x = torch.randn(4, 32)
+    assert ex.use_grouped(x, rows - 1)
+    assert not ex.use_grouped(x, rows)
+    assert not ex.use_grouped(x.double(), 4)  # grouped_mm has no float64
+    assert Experts(small_cfg(expert_impl="grouped")).use_grouped(x, rows)
+    assert not Experts(small_cfg(expert_impl="loop")).use_grouped(x, 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_is_grouped_on_gpu():
     ex = Experts(small_cfg(expert_impl="auto")).cuda()
-    assert ex.use_grouped(torch.randn(4, 32, device="cuda"))
-    assert ex.use_grouped(torch.randn(4, 32, device="cuda", dtype=torch.bfloat16)) is False  # weights fp32
+    x = torch.randn(4, 32, device="cuda")
+    assert ex.use_grouped(x, 10**6)
+    assert not ex.use_grouped(x.bfloat16(), 4)  # the weights are fp32
 
 
 def test_unused_experts_get_zero_gradient_in_both_paths():
@@ -142,10 +177,11 @@ def test_unused_experts_get_zero_gradient_in_both_paths():
             assert torch.all(w.grad[[1, 3, 4]] == 0)
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
-def test_dispatch_equals_per_token_sum_with_weight_gradients(capacity_factor):
+def test_dispatch_equals_per_token_sum_with_weight_gradients(capacity_factor, impl):
     """Gather, scaled experts, scatter-add == sum_k w_tk * expert(x_t), also for d/dweights."""
-    cfg = small_cfg(capacity_factor=capacity_factor, expert_impl="grouped")
+    cfg = small_cfg(capacity_factor=capacity_factor, expert_impl=impl)
     ex = Experts(cfg)
     torch.manual_seed(0)
     init_weights(ex, cfg.replace(init_std=0.2))
@@ -172,8 +208,8 @@ def test_dispatch_equals_per_token_sum_with_weight_gradients(capacity_factor):
         for t in range(T)])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     gout = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, w, ex.w1, ex.w2), gout)
-    want = torch.autograd.grad(ref, (x, w, ex.w1, ex.w2), gout)
+    got = torch.autograd.grad(y, (x, w, ex.w1, ex.w3, ex.w2), gout)
+    want = torch.autograd.grad(ref, (x, w, ex.w1, ex.w3, ex.w2), gout)
     assert_all_close(list(got), list(want), rtol=1e-4, atol=1e-5)
 
 
