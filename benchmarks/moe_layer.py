@@ -187,10 +187,12 @@ class CPUPeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # views, in-place and out= results live in an input's storage: nothing new
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 st = t.untyped_storage()
-                if id(st) not in self.live:
+                if id(st) not in self.live and st.data_ptr() not in inputs:
                     self.live.add(id(st))
                     self.current += st.nbytes()
                     self.peak = max(self.peak, self.current)
