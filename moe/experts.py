@@ -124,7 +124,10 @@ class _LoopAdd(torch.autograd.Function):
         g_TD = g_TD.contiguous()
         gx_TD = x_ND.new_zeros(ctx.n_tokens, x_ND.shape[-1]) if need_x else None
         gs_N = torch.empty_like(scale_N) if need_s else None
-        gw1, gw3, gw2 = (torch.zeros_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
+        gw1, gw3, gw2 = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
+        unused = [e for e, n in enumerate(ctx.sizes) if n == 0]
+        for gw in (gw1, gw3, gw2):
+            gw[unused] = 0  # experts without tokens: zero gradient (the others are written below)
         for e, rows in _expert_slices(ctx.sizes):
             token_n, s = token_N[rows], scale_N[rows].unsqueeze(-1)
             x, a, b = x_ND[rows], a_NI[rows], b_NI[rows]
