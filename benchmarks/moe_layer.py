@@ -19,6 +19,7 @@ per expert). A table, then one line 'JSON {...}'.
   python benchmarks/moe_layer.py                                  # the issue's CPU benchmark
   python benchmarks/moe_layer.py --device cuda --dtype bf16 --preset-size large
   python benchmarks/moe_layer.py --crossover                      # loop vs grouped over T
+  python benchmarks/moe_layer.py --breakdown                      # where ours' time goes
 
 As an entry of the reference harness (../shared/bench/peer_moe.py):
   python ../shared/bench/peer_moe.py --extra ours=benchmarks/moe_layer.py:build
@@ -404,6 +405,72 @@ def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     return dict(crossover=rows)
 
 
+def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
+                  dtype: torch.dtype) -> dict[str, Any]:
+    """Where ours[auto]'s fwd+bwd time goes: its parts timed alone (interleaved), then a profile."""
+    from torch.profiler import profile
+
+    B, S = (int(v) for v in args.sizes.split(",")[0].split("x"))
+    T, K = B * S, cfg.n_activated_experts
+    torch.manual_seed(0)
+    moe = build_ours(cfg, "auto").to(device, dtype)
+    dense = build_dense(cfg, fused=False).to(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    x_TD = torch.randn(T, cfg.dim, generator=g).to(device, dtype)
+    g_TD = torch.randn(T, cfg.dim, generator=g).to(device, dtype)
+    with torch.no_grad():
+        r = moe.router(x_TD)
+    ex = moe.experts
+    counts_E = torch.bincount(r.experts_TK.flatten(), minlength=cfg.n_routed_experts)
+    # the expert matmuls alone: same shapes, inputs already gathered, no autograd
+    x_nD = [torch.randn(int(n), cfg.dim, generator=g).to(device, dtype) for n in counts_E]
+    g_nD = [torch.randn(int(n), cfg.dim, generator=g).to(device, dtype) for n in counts_E]
+    w1, w3, w2 = (w.detach() for w in (ex.w1, ex.w3, ex.w2))
+
+    def matmuls() -> None:
+        for e, (x, gy) in enumerate(zip(x_nD, g_nD)):
+            if x.shape[0]:
+                a, b = x @ w1[e], x @ w3[e]
+                a @ w2[e], gy @ w2[e].t(), a.t() @ gy, x.t() @ a, x.t() @ b
+                torch.mm(a, w1[e].t()).addmm_(b, w3[e].t())
+
+    def backward_of(fn: Callable[[torch.Tensor], torch.Tensor], gout: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            xi = x_TD.detach().requires_grad_(True)
+            fn(xi).backward(gout)
+        return step
+
+    parts: dict[str, Callable[[], None]] = {
+        "layer (ours[auto])": lambda: fwd_bwd(moe, x_TD.view(B, S, -1), g_TD.view(B, S, -1)),
+        "  router": backward_of(lambda xi: moe.router(xi).weights_TK, torch.ones(T, K, device=device)),
+        "  shared expert": backward_of(moe.shared, g_TD),
+        "  routed experts (dispatch + compute + combine)": backward_of(
+            lambda xi: ex(xi, r.weights_TK, r.experts_TK)[0], g_TD),
+        "    their matmuls alone": matmuls,
+        "dense[split] (the reference)": lambda: fwd_bwd(dense, x_TD, g_TD),
+    }
+    ts: dict[str, list[float]] = {k: [] for k in parts}
+    for fn in parts.values():
+        fn()
+    for _ in range(max(args.rounds, 10)):
+        for k, fn in parts.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts[k].append(time.perf_counter() - t0)
+    rows = [dict(part=k, median_ms=1e3 * statistics.median(v), min_ms=1e3 * min(v)) for k, v in ts.items()]
+    print(f"\n== breakdown of one fwd+bwd, {B}x{S}, {meta_line(device, dtype)}, ms (interleaved) ==")
+    for row in rows:
+        print(f"{row['part']:<50}{row['median_ms']:>9.1f} median{row['min_ms']:>9.1f} min")
+    with profile() as prof:
+        for _ in range(5):
+            parts["layer (ours[auto])"]()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+    print(f"\n== torch.profiler, 5 fwd+bwd of ours[auto], by self CPU time ==\n{table}")
+    return dict(breakdown=rows, profile=table)
+
+
 def meta_line(device: torch.device, dtype: torch.dtype) -> str:
     return f"{device_name(device)}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
 
@@ -424,6 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-gb", type=float, default=4.0, help="skip hf[batched_mm] when it would need more")
     ap.add_argument("--crossover", action="store_true", help="time loop vs grouped over --crossover-tokens instead")
     ap.add_argument("--crossover-tokens", default="1,4,16,64,256,1024,4096,16384")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time the parts of ours[auto] (first of --sizes) and print a profile instead")
+    ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
     args = ap.parse_args(argv)
 
@@ -446,10 +516,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{meta['date']}  {meta_line(device, dtype)}  torch {meta['torch']}  load {meta['loadavg_start']}")
     if args.crossover:
         result = run_crossover(args, cfg, device, dtype)
+    elif args.breakdown:
+        result = run_breakdown(args, cfg, device, dtype)
     else:
         result = run_comparison(args, cfg, device, dtype)
     meta["loadavg_end"] = os.getloadavg()
-    if not args.crossover:
+    if not (args.crossover or args.breakdown):
         print_table(result, meta)
     print(f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
     out = dict(meta=meta, **result)

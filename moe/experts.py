@@ -95,67 +95,62 @@ def experts_loop_add(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.T
 
 class _LoopAdd(torch.autograd.Function):
     """Forward and backward of experts_loop_add. Per expert, with s the routing weights:
-    a = x w1, b = x w3, h = silu(a) * b, y = (s * h) w2. Saved: x, a, b (as autograd would)."""
+    a = x w1, b = x w3, h = silu(a) * b, y = (s * h) w2. Saved: x, a, b (as autograd would).
+    Per-expert views come from split/unbind: one call each, not a slice per expert."""
 
     @staticmethod
     def forward(ctx, x_TD, token_N, scale_N, counts_E, w1_EDI, w3_EDI, w2_EID):
         sizes = counts_E.tolist()
-        N, I = token_N.numel(), w1_EDI.shape[-1]
+        N, D, I = token_N.numel(), x_TD.shape[-1], w1_EDI.shape[-1]
         keep = any(ctx.needs_input_grad)  # else per-expert temporaries, nothing saved
-        x_ND = x_TD.new_empty(N, x_TD.shape[-1]) if keep else None
-        a_NI, b_NI = (x_TD.new_empty(N, I), x_TD.new_empty(N, I)) if keep else (None, None)
+        bufs = [x_TD.new_empty(N, width) for width in (D, I, I)] if keep else []
+        rows = [buf.split(sizes) for buf in bufs] if keep else [[None] * len(sizes)] * 3
         y_TD = x_TD.new_zeros(x_TD.shape[0], w2_EID.shape[-1])
-        for e, rows in _expert_slices(sizes):
-            token_n = token_N[rows]
-            x = torch.index_select(x_TD, 0, token_n, out=x_ND[rows] if keep else None)
-            a = torch.mm(x, w1_EDI[e], out=a_NI[rows] if keep else None)
-            b = torch.mm(x, w3_EDI[e], out=b_NI[rows] if keep else None)
-            h = F.silu(a).mul_(b).mul_(scale_N[rows].unsqueeze(-1))
-            y_TD.index_add_(0, token_n, h @ w2_EID[e])
+        per_expert = zip(token_N.split(sizes), scale_N.split(sizes), *rows,
+                         w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
+        for token_n, scale_n, x_out, a_out, b_out, w1, w3, w2 in per_expert:
+            if token_n.numel():
+                x = torch.index_select(x_TD, 0, token_n, out=x_out)
+                a, b = torch.mm(x, w1, out=a_out), torch.mm(x, w3, out=b_out)
+                h = F.silu(a).mul_(b).mul_(scale_n.unsqueeze(-1))
+                y_TD.index_add_(0, token_n, h @ w2)
         if keep:
             ctx.sizes, ctx.n_tokens = sizes, x_TD.shape[0]
-            ctx.save_for_backward(x_ND, token_N, scale_N, w1_EDI, w3_EDI, w2_EID, a_NI, b_NI)
+            ctx.save_for_backward(token_N, scale_N, w1_EDI, w3_EDI, w2_EID, *bufs)
         return y_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        x_ND, token_N, scale_N, w1_EDI, w3_EDI, w2_EID, a_NI, b_NI = ctx.saved_tensors
+        token_N, scale_N, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI = ctx.saved_tensors
         need_x, _, need_s, _, *need_w = ctx.needs_input_grad
+        sizes = ctx.sizes
         g_TD = g_TD.contiguous()
         gx_TD = x_ND.new_zeros(ctx.n_tokens, x_ND.shape[-1]) if need_x else None
-        gs_N = torch.empty_like(scale_N) if need_s else None
-        gw1, gw3, gw2 = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
-        unused = [e for e, n in enumerate(ctx.sizes) if n == 0]
-        for gw in (gw1, gw3, gw2):
-            gw[unused] = 0  # experts without tokens: zero gradient (the others are written below)
-        for e, rows in _expert_slices(ctx.sizes):
-            token_n, s = token_N[rows], scale_N[rows].unsqueeze(-1)
-            x, a, b = x_ND[rows], a_NI[rows], b_NI[rows]
+        gs_N = torch.empty_like(scale_N)
+        gw1_EDI, gw3_EDI, gw2_EID = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
+        per_expert = zip(token_N.split(sizes), scale_N.split(sizes), x_ND.split(sizes), a_NI.split(sizes),
+                         b_NI.split(sizes), gs_N.split(sizes), w1_EDI.unbind(0), w3_EDI.unbind(0),
+                         w2_EID.unbind(0), gw1_EDI.unbind(0), gw3_EDI.unbind(0), gw2_EID.unbind(0))
+        for token_n, scale_n, x, a, b, gs, w1, w3, w2, gw1, gw3, gw2 in per_expert:
+            if not token_n.numel():
+                gw1.zero_(), gw3.zero_(), gw2.zero_()  # an expert without tokens
+                continue
+            s = scale_n.unsqueeze(-1)
             g = g_TD.index_select(0, token_n)
             sa = F.silu(a)
             h = sa * b
-            gh = g @ w2_EID[e].t()  # d/d(s * h)
-            if need_s:
-                torch.sum(gh * h, dim=-1, out=gs_N[rows])
-            torch.mm(h.mul_(s).t(), g, out=gw2[e])
+            gh = g @ w2.t()  # d/d(s * h)
+            torch.sum(gh * h, dim=-1, out=gs)
+            torch.mm(h.mul_(s).t(), g, out=gw2)
             gh.mul_(s)  # d/dh
             gb = gh * sa
             ga = torch.ops.aten.silu_backward(gh.mul_(b), a)
-            torch.mm(x.t(), ga, out=gw1[e])
-            torch.mm(x.t(), gb, out=gw3[e])
+            torch.mm(x.t(), ga, out=gw1)
+            torch.mm(x.t(), gb, out=gw3)
             if need_x:
-                gx_TD.index_add_(0, token_n, torch.mm(ga, w1_EDI[e].t()).addmm_(gb, w3_EDI[e].t()))
-        gw1, gw3, gw2 = (gw if need else None for gw, need in zip((gw1, gw3, gw2), need_w))
-        return gx_TD, None, gs_N, None, gw1, gw3, gw2
-
-
-def _expert_slices(sizes: list[int]):
-    """(expert, slice of its rows in the expert-sorted order) for every expert with rows."""
-    start = 0
-    for e, n in enumerate(sizes):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
+                gx_TD.index_add_(0, token_n, torch.mm(ga, w1.t()).addmm_(gb, w3.t()))
+        gws = (gw if need else None for gw, need in zip((gw1_EDI, gw3_EDI, gw2_EID), need_w))
+        return gx_TD, None, gs_N if need_s else None, None, *gws
 
 
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
