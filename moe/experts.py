@@ -218,13 +218,6 @@ class Experts(nn.Module):
             return False
         return x.device.type != "cpu" or n_rows < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.cfg.n_routed_experts
 
-    def compute(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Run each expert on its contiguous slice of the expert-sorted tokens."""
-        weights = (self.w1, self.w3, self.w2)
-        if self.use_grouped(x_ND, x_ND.shape[0]):
-            return experts_grouped(x_ND, counts_E, *weights)
-        return experts_loop(x_ND, counts_E, *weights)
-
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor,
                 experts_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (y_TD, counts_E, dropped): the weighted sum of each token's experts."""
