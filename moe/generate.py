@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe.cli import non_negative_float, positive_int, probability
 from moe.data import ByteTokenizer
 from moe.model import Transformer
 
@@ -231,34 +232,10 @@ class StreamPrinter:
         self.stream.flush()
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
 
 
-def _non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
-    return v
 
 
-def _probability(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
-    return v
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -309,17 +286,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "python -m moe generate runs/demo --prompt 'The ' --greedy --speculative")
     p.add_argument("run", metavar="OUT", help="run folder written by train (or one of its ckpt-* folders)")
     p.add_argument("--prompt", default="The ", help="text to continue (UTF-8)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200,
+    p.add_argument("--max-new-tokens", type=positive_int, default=200,
                    help="tokens (bytes) to add; generation also stops when the sequence fills max_seq_len")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.8, help="sampling temperature, 0 = greedy")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=_probability, default=None,
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="sampling temperature, 0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=probability, default=None,
                    help="nucleus sampling: the smallest set of tokens holding this probability mass")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (= --temperature 0)")
     p.add_argument("--speculative", action="store_true",
                    help="draft with the MTP module and verify with the main model (needs n_mtp >= 1); "
                         "reports acceptance and tokens per main-model forward")
-    p.add_argument("--num-samples", type=_positive_int, default=1, help="independent samples to draw")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="independent samples to draw")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print once at the end")

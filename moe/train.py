@@ -43,6 +43,7 @@ from torch import nn
 
 from moe.accounting import count_params
 from moe.balance import update_bias
+from moe.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides
 from moe.data import Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
 from moe.layer import reset_routing_stats, routing_stats
@@ -650,44 +651,12 @@ def write_plots(out: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ CLI
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
 
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s!r}")
-    return v
 
 
-def _non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
-    return v
 
 
 # CLI flag -> TrainConfig field; flags default to None so a resume keeps the saved value
@@ -816,32 +785,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out already holds a run")
     p.add_argument("--data", metavar="FILE", default=None,
                    help="train on this UTF-8 text file instead of the embedded corpus")
-    p.add_argument("--steps", type=_positive_int, default=None, help=f"optimizer steps (default: {d.steps})")
-    p.add_argument("--stop-at", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, help=f"optimizer steps (default: {d.steps})")
+    p.add_argument("--stop-at", type=positive_int, default=None,
                    help="stop after this step with a checkpoint (the schedule still spans --steps)")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"sequences per micro-batch (default: {d.batch_size})")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
-    p.add_argument("--grad-accum", type=_positive_int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
+    p.add_argument("--grad-accum", type=positive_int, default=None,
                    help=f"micro-batches per step (default: {d.grad_accum})")
-    p.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: {d.lr:g})")
-    p.add_argument("--min-lr", type=_non_negative_float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (default: {d.lr:g})")
+    p.add_argument("--min-lr", type=non_negative_float, default=None,
                    help=f"final learning rate (default: {d.min_lr:g})")
-    p.add_argument("--warmup", type=_non_negative_int, default=None, help=f"warmup steps (default: {d.warmup_steps})")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=None,
+    p.add_argument("--warmup", type=non_negative_int, default=None, help=f"warmup steps (default: {d.warmup_steps})")
+    p.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help=f"AdamW decay (default: {d.weight_decay:g})")
-    p.add_argument("--grad-clip", type=_non_negative_float, default=None,
+    p.add_argument("--grad-clip", type=non_negative_float, default=None,
                    help=f"max gradient norm, 0 = off (default: {d.grad_clip:g})")
-    p.add_argument("--eval-interval", type=_non_negative_int, default=None,
+    p.add_argument("--eval-interval", type=non_negative_int, default=None,
                    help=f"steps between validation evals, 0 = at the end only (default: {d.eval_interval})")
-    p.add_argument("--eval-windows", type=_positive_int, default=None,
+    p.add_argument("--eval-windows", type=positive_int, default=None,
                    help=f"validation windows per eval (default: {d.eval_windows})")
-    p.add_argument("--save-interval", type=_non_negative_int, default=None,
+    p.add_argument("--save-interval", type=non_negative_int, default=None,
                    help="steps between checkpoints, 0 = at the end only (default: the eval interval)")
-    p.add_argument("--seed", type=_non_negative_int, default=None,
+    p.add_argument("--seed", type=non_negative_int, default=None,
                    help=f"init and batch-order seed (default: {d.seed})")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto = cuda if available)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: one per core). Small models on a busy machine "
                         "often run faster with 1")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
