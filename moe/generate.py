@@ -232,12 +232,6 @@ class StreamPrinter:
         self.stream.flush()
 
 
-
-
-
-
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from moe.train import load_model
 

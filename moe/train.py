@@ -653,12 +653,6 @@ def write_plots(out: str) -> list[str]:
 # ------------------------------------------------------------------------------ CLI
 
 
-
-
-
-
-
-
 # CLI flag -> TrainConfig field; flags default to None so a resume keeps the saved value
 _TRAIN_FLAGS = {"steps": "steps", "stop_at": "stop_at", "batch_size": "batch_size", "seq_len": "seq_len",
                 "grad_accum": "grad_accum", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup_steps",
