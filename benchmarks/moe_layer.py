@@ -86,26 +86,26 @@ def build_ours(cfg: ModelConfig, impl: str) -> MoE:
     return m
 
 
-def build(cfg: dict) -> nn.Module:
-    """Factory for ../shared/bench/peer_moe.py --extra: its config dict (HF names) -> our MoE."""
+def build(cfg: dict, impl: str | None = None) -> nn.Module:
+    """Factory for ../shared/bench/peer_moe.py --extra: its config dict (HF names) -> our MoE.
+
+    expert_impl: `impl`, else $MOE_EXPERT_IMPL, else "auto".
+    """
     ours = bench_config(
         dim=cfg["hidden_size"], moe_inter_dim=cfg["moe_intermediate_size"],
         n_routed_experts=cfg["n_routed_experts"], n_activated_experts=cfg["num_experts_per_tok"],
         n_shared_experts=cfg["n_shared_experts"], n_expert_groups=cfg["n_group"],
         n_limited_groups=cfg["topk_group"], norm_topk_prob=cfg["norm_topk_prob"],
-        route_scale=cfg["routed_scaling_factor"], init_std=cfg.get("init_std", 0.02),
-        expert_impl=os.environ.get("MOE_EXPERT_IMPL", "auto"))
-    return build_ours(ours, ours.expert_impl)
+        route_scale=cfg["routed_scaling_factor"], init_std=cfg.get("init_std", 0.02))
+    return build_ours(ours, impl or os.environ.get("MOE_EXPERT_IMPL", "auto"))
 
 
 def build_loop(cfg: dict) -> nn.Module:
-    os.environ["MOE_EXPERT_IMPL"] = "loop"
-    return build(cfg)
+    return build(cfg, "loop")
 
 
 def build_grouped(cfg: dict) -> nn.Module:
-    os.environ["MOE_EXPERT_IMPL"] = "grouped"
-    return build(cfg)
+    return build(cfg, "grouped")
 
 
 def build_hf(cfg: ModelConfig, impl: str) -> nn.Module:
