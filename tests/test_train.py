@@ -26,13 +26,7 @@ SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "def add(a, 
              "the sun is hot and the sea is wide. ", "for i in range(10):\n    print(i)\n"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one intra-op thread is much faster than two (and steadier on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_text(path, n: int = 400) -> str:
