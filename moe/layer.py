@@ -83,7 +83,7 @@ OUT_PROJECTIONS = ("wo.weight", "w2.weight", "experts.w2")
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     """Every matrix ~ N(0, init_std); residual output projections scaled by 1/sqrt(2 n_layers).
 
-    The rule of Transformer.init_weights, usable on a standalone MoE or MLP (benchmarks).
+    The one init rule: Transformer.init_weights calls it, and so can a standalone MoE or MLP.
     Routers are random too: a zero router scores every expert alike and top-k would then
     pick by index, not by token. RMSNorm weights (1-D) are left alone.
     """

@@ -117,7 +117,6 @@ class Transformer(nn.Module):
             mtp, mtp_balance = mtp_loss(self, h_BSD, targets_BS, cos, sin)
             losses["mtp"] = mtp
             total = total + mtp + sum(mtp_balance.values())
-            for k, v in mtp_balance.items():
-                losses[k] = losses[k] + v if k in losses else v
+            add_losses(losses, mtp_balance)
         losses["loss"] = total
         return (logits_BSV, losses, h_BSD) if return_hidden else (logits_BSV, losses)
