@@ -52,6 +52,17 @@ def grads_of(m: torch.nn.Module, x: torch.Tensor, gout: torch.Tensor) -> tuple[t
     return y.detach(), [xi.grad] + [p.grad for p in m.parameters()]
 
 
+def random_dispatch(T: int, E: int, K: int, g: torch.Generator):
+    """K distinct random experts per token, sorted by expert."""
+    return sort_by_expert(torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]), E)
+
+
+def expert_weights(E: int, D: int, I: int, g: torch.Generator, std: float = 0.2) -> list[torch.Tensor]:
+    """Random w1, w3 [E, D, I] and w2 [E, I, D]."""
+    return [torch.randn(E, D, I, generator=g) * std, torch.randn(E, D, I, generator=g) * std,
+            torch.randn(E, I, D, generator=g) * std]
+
+
 def assert_all_close(a: list[torch.Tensor], b: list[torch.Tensor], **tol) -> None:
     assert len(a) == len(b)
     for u, v in zip(a, b):
@@ -62,12 +73,10 @@ def assert_all_close(a: list[torch.Tensor], b: list[torch.Tensor], **tol) -> Non
 def test_grouped_with_row_scale_equals_loop_times_scale_forward_and_backward(T, E, K, seed):
     D, I = 32, 16
     g = torch.Generator().manual_seed(seed)
-    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    d = sort_by_expert(experts_TK, E)
+    d = random_dispatch(T, E, K, g)
     x_ND = torch.randn(T * K, D, generator=g)
     scale_N = torch.rand(T * K, generator=g)
-    weights = [torch.randn(E, D, I, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2,
-               torch.randn(E, I, D, generator=g) * 0.2]
+    weights = expert_weights(E, D, I, g)
     gout = torch.randn(T * K, D, generator=g)
     results = []
     for fast in (False, True):
@@ -86,13 +95,11 @@ def test_grouped_with_row_scale_equals_loop_times_scale_forward_and_backward(T, 
 def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(T, E, K, seed):
     D, I = 32, 16
     g = torch.Generator().manual_seed(seed)
-    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    d = sort_by_expert(experts_TK, E)
+    d = random_dispatch(T, E, K, g)
     token_N = d.order_N // K
     x_TD = torch.randn(T, D, generator=g)
     scale_N = torch.rand(T * K, generator=g)
-    weights = [torch.randn(E, D, I, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2,
-               torch.randn(E, I, D, generator=g) * 0.2]
+    weights = expert_weights(E, D, I, g)
     gout = torch.randn(T, D, generator=g)
     results = []
     for fused in (False, True):
@@ -124,11 +131,10 @@ def test_loop_add_gradcheck_float64_with_empty_experts():
 def test_loop_add_with_partial_gradients_and_without_grad():
     E, T, K, D, I = 4, 10, 2, 8, 4
     g = torch.Generator().manual_seed(1)
-    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    d = sort_by_expert(experts_TK, E)
+    d = random_dispatch(T, E, K, g)
     token_N = d.order_N // K
     x, s = torch.randn(T, D, generator=g), torch.rand(T * K, generator=g)
-    ws = [torch.randn(E, D, I, generator=g), torch.randn(E, D, I, generator=g), torch.randn(E, I, D, generator=g)]
+    ws = expert_weights(E, D, I, g, std=1.0)
     ref = torch.zeros(T, D).index_add(0, token_N, experts_loop(x[token_N], d.counts_E, *ws) * s.unsqueeze(-1))
     with torch.no_grad():  # inference: nothing saved
         torch.testing.assert_close(experts_loop_add(x, token_N, s, d.counts_E, *ws), ref)
