@@ -195,8 +195,19 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def with_umask(mode: int) -> int:
+    """mode as the process umask leaves it: what open() would give a new file or folder.
+
+    tempfile's mkstemp/mkdtemp start private (0600/0700); files we rename into place should
+    look like any other file the user writes.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temp file in the same folder and os.replace."""
+    """Write text to path via a temp file in the same folder and os.replace (ordinary permissions)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -206,6 +217,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, with_umask(0o666))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

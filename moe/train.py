@@ -44,7 +44,7 @@ from torch import nn
 from moe.accounting import count_params
 from moe.balance import update_bias
 from moe.cli import non_negative_float, non_negative_int, positive_float, positive_int
-from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides
+from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides, with_umask
 from moe.data import Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
 from moe.layer import reset_routing_stats, routing_stats
 from moe.model import Transformer
@@ -224,18 +224,6 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_text(path: str, text: str) -> None:
-    """atomic_write_text with ordinary file permissions (its temp file starts private)."""
-    atomic_write_text(path, text)
-    os.chmod(path, 0o666 & ~_umask())
-
-
 def _checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}"
 
@@ -262,13 +250,13 @@ def save_checkpoint(out: str, model: Transformer, optimizer: torch.optim.Optimiz
     if os.path.exists(final):
         shutil.rmtree(final)  # a leftover of a crash between rename and LATEST: never referenced
     tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    os.chmod(tmp, with_umask(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         tensors, aliases = _unique_tensors(model)
         save_file(tensors, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": f"moe-{CHECKPOINT_FORMAT}", "aliases": json.dumps(aliases)})
-        _write_text(os.path.join(tmp, "config.json"), model.cfg.to_json() + "\n")
-        _write_text(os.path.join(tmp, "train.json"), json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+        atomic_write_text(os.path.join(tmp, "config.json"), model.cfg.to_json() + "\n")
+        atomic_write_text(os.path.join(tmp, "train.json"), json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
         state = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -276,16 +264,16 @@ def save_checkpoint(out: str, model: Transformer, optimizer: torch.optim.Optimiz
         torch.save(state, os.path.join(tmp, "state.pt"))
         names = ("model.safetensors", "config.json", "train.json", "state.pt")
         for f in names:
-            os.chmod(os.path.join(tmp, f), 0o666 & ~_umask())
+            os.chmod(os.path.join(tmp, f), with_umask(0o666))
         files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
                  for f in names}
-        _write_text(os.path.join(tmp, "manifest.json"),
+        atomic_write_text(os.path.join(tmp, "manifest.json"),
                           json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files}, indent=2) + "\n")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text(os.path.join(out, "LATEST"), name + "\n")
+    atomic_write_text(os.path.join(out, "LATEST"), name + "\n")
     for entry in os.listdir(out):
         if entry.startswith("ckpt-") and entry != name:
             shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
@@ -611,7 +599,7 @@ def _truncate_metrics(out: str, step: int) -> None:
     if not os.path.isfile(path):
         return
     kept = [r for r in read_metrics(out) if isinstance(r.get("step"), int) and r["step"] <= step]
-    _write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _clear_run(out: str) -> None:

@@ -1,8 +1,9 @@
 import json
+import stat
 
 import pytest
 
-from moe.config import PRESETS, ModelConfig, dense_baseline, get_preset, parse_overrides
+from moe.config import PRESETS, ModelConfig, dense_baseline, get_preset, parse_overrides, with_umask
 
 TOY = PRESETS["toy"]
 
@@ -56,6 +57,7 @@ def test_json_round_trip_and_replace(tmp_path):
     TOY.save(path)
     assert ModelConfig.load(path) == TOY
     assert not [p for p in path.parent.iterdir() if p.name != "cfg.json"]  # no temp files left
+    assert stat.S_IMODE(path.stat().st_mode) == with_umask(0o666)  # not the temp file's private 0600
     c2 = TOY.replace(dim=64)
     assert c2.dim == 64 and TOY.dim == 128
 

@@ -188,14 +188,14 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkey
 
 def test_crash_before_latest_is_updated(tmp_path, monkeypatch):
     out, model, opt = _saved(tmp_path)
-    real = train_mod._write_text
+    real = train_mod.atomic_write_text
 
     def crash_on_latest(path, text):
         if os.path.basename(path) == "LATEST":
             raise OSError("simulated crash before LATEST")
         real(path, text)
 
-    monkeypatch.setattr(train_mod, "_write_text", crash_on_latest)
+    monkeypatch.setattr(train_mod, "atomic_write_text", crash_on_latest)
     with pytest.raises(OSError):
         train_mod.save_checkpoint(out, model, opt, 2, TrainConfig(), {})
     monkeypatch.undo()
