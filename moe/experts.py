@@ -83,14 +83,29 @@ def experts_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tenso
 @torch.compiler.disable  # as experts_loop
 def experts_loop_add(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.Tensor, counts_E: torch.Tensor,
                      w1_EDI: torch.Tensor, w3_EDI: torch.Tensor, w2_EID: torch.Tensor) -> torch.Tensor:
-    """y_TD[token_N] += scale_N * expert(x_TD[token_N]), one expert at a time (the CPU fast path).
+    """y_TD[t] = sum over the assignments n of token t of scale_N[n] * expert(x_TD[t]) (the CPU fast path).
 
     Equals x_ND = x_TD[token_N]; zeros.index_add_(0, token_N, experts_loop(x_ND, ...) * scale_N),
-    in value and in every gradient (tests/test_perf_paths.py). Run by autograd, that loop
-    would keep an N x D gathered copy and concatenate per-expert gradients; here each
-    expert's rows are scattered while still in cache and its gradients written in place.
+    in value and in every gradient (tests/test_perf_paths.py). Per expert it gathers its rows
+    right before its matmuls (they are then in cache); the combine is one gather-and-sum per
+    token (`embedding_bag`, "bags" of rows) instead of a scatter-add per expert, and the
+    backward is written out so each expert's weight gradients land in place.
     """
-    return _LoopAdd.apply(x_TD, token_N, scale_N, counts_E, w1_EDI, w3_EDI, w2_EID)
+    # the rows of each token's bag: positions in the sorted order, grouped by token
+    bag_N = token_N.argsort(stable=True)
+    per_token_T = token_N.new_zeros(x_TD.shape[0]).scatter_add_(0, token_N, torch.ones_like(token_N))
+    offsets_T = per_token_T.cumsum(0) - per_token_T
+    return _LoopAdd.apply(x_TD, token_N, scale_N, counts_E, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID)
+
+
+def _sum_bags(rows_ND: torch.Tensor, bag_N: torch.Tensor, offsets_T: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum of rows_ND[bag_N[offsets_T[t]:offsets_T[t+1]]]: a gather-and-sum per token."""
+    return F.embedding_bag(bag_N, rows_ND, offsets_T, mode="sum")
+
+
+def _unbind_t(w_EAB: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-expert transposed views [B, A], made in one call."""
+    return w_EAB.transpose(-2, -1).unbind(0)
 
 
 class _LoopAdd(torch.autograd.Function):
@@ -99,58 +114,57 @@ class _LoopAdd(torch.autograd.Function):
     Per-expert views come from split/unbind: one call each, not a slice per expert."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_N, scale_N, counts_E, w1_EDI, w3_EDI, w2_EID):
+    def forward(ctx, x_TD, token_N, scale_N, counts_E, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID):
         sizes = counts_E.tolist()
         N, D, I = token_N.numel(), x_TD.shape[-1], w1_EDI.shape[-1]
-        keep = any(ctx.needs_input_grad)  # else per-expert temporaries, nothing saved
-        bufs = [x_TD.new_empty(N, width) for width in (D, I, I)] if keep else []
-        rows = [buf.split(sizes) for buf in bufs] if keep else [[None] * len(sizes)] * 3
-        y_TD = x_TD.new_zeros(x_TD.shape[0], w2_EID.shape[-1])
-        per_expert = zip(token_N.split(sizes), scale_N.split(sizes), *rows,
+        x_ND, y_ND, a_NI, b_NI = (x_TD.new_empty(N, width) for width in (D, D, I, I))
+        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), x_ND.split(sizes),
+                         a_NI.split(sizes), b_NI.split(sizes), y_ND.split(sizes),
                          w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
-        for token_n, scale_n, x_out, a_out, b_out, w1, w3, w2 in per_expert:
+        for token_n, s, x, a, b, y, w1, w3, w2 in per_expert:
             if token_n.numel():
-                x = torch.index_select(x_TD, 0, token_n, out=x_out)
-                a, b = torch.mm(x, w1, out=a_out), torch.mm(x, w3, out=b_out)
-                h = F.silu(a).mul_(b).mul_(scale_n.unsqueeze(-1))
-                y_TD.index_add_(0, token_n, h @ w2)
-        if keep:
-            ctx.sizes, ctx.n_tokens = sizes, x_TD.shape[0]
-            ctx.save_for_backward(token_N, scale_N, w1_EDI, w3_EDI, w2_EID, *bufs)
-        return y_TD
+                torch.index_select(x_TD, 0, token_n, out=x)
+                torch.mm(x, w1, out=a)
+                torch.mm(x, w3, out=b)
+                torch.mm(F.silu(a).mul_(b).mul_(s), w2, out=y)
+        if any(ctx.needs_input_grad):
+            ctx.sizes = sizes
+            ctx.save_for_backward(token_N, scale_N, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI)
+        return _sum_bags(y_ND, bag_N, offsets_T)
 
     @staticmethod
     def backward(ctx, g_TD):
-        token_N, scale_N, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI = ctx.saved_tensors
-        need_x, _, need_s, _, *need_w = ctx.needs_input_grad
+        token_N, scale_N, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI = ctx.saved_tensors
+        need_x, _, need_s, *_, need_w1, need_w3, need_w2 = ctx.needs_input_grad
         sizes = ctx.sizes
         g_TD = g_TD.contiguous()
-        gx_TD = x_ND.new_zeros(ctx.n_tokens, x_ND.shape[-1]) if need_x else None
+        gx_ND = torch.empty_like(x_ND)
         gs_N = torch.empty_like(scale_N)
         gw1_EDI, gw3_EDI, gw2_EID = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
-        per_expert = zip(token_N.split(sizes), scale_N.split(sizes), x_ND.split(sizes), a_NI.split(sizes),
-                         b_NI.split(sizes), gs_N.split(sizes), w1_EDI.unbind(0), w3_EDI.unbind(0),
-                         w2_EID.unbind(0), gw1_EDI.unbind(0), gw3_EDI.unbind(0), gw2_EID.unbind(0))
-        for token_n, scale_n, x, a, b, gs, w1, w3, w2, gw1, gw3, gw2 in per_expert:
+        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), x_ND.split(sizes),
+                         a_NI.split(sizes), b_NI.split(sizes), gx_ND.split(sizes), gs_N.split(sizes),
+                         _unbind_t(w1_EDI), _unbind_t(w3_EDI), _unbind_t(w2_EID), gw1_EDI.unbind(0), gw3_EDI.unbind(0),
+                         _unbind_t(gw2_EID))
+        for token_n, s, x, a, b, gx, gs, w1t, w3t, w2t, gw1, gw3, gw2t in per_expert:
             if not token_n.numel():
-                gw1.zero_(), gw3.zero_(), gw2.zero_()  # an expert without tokens
+                gw1.zero_(), gw3.zero_(), gw2t.zero_()  # an expert without tokens
                 continue
-            s = scale_n.unsqueeze(-1)
             g = g_TD.index_select(0, token_n)
             sa = F.silu(a)
             h = sa * b
-            gh = g @ w2.t()  # d/d(s * h)
-            torch.sum(gh * h, dim=-1, out=gs)
-            torch.mm(h.mul_(s).t(), g, out=gw2)
+            gh = g @ w2t  # d/d(s * h)
+            torch.linalg.vecdot(gh, h, out=gs)
+            torch.mm(g.t(), h.mul_(s), out=gw2t)
             gh.mul_(s)  # d/dh
             gb = gh * sa
             ga = torch.ops.aten.silu_backward(gh.mul_(b), a)
             torch.mm(x.t(), ga, out=gw1)
             torch.mm(x.t(), gb, out=gw3)
             if need_x:
-                gx_TD.index_add_(0, token_n, torch.mm(ga, w1.t()).addmm_(gb, w3.t()))
-        gws = (gw if need else None for gw, need in zip((gw1_EDI, gw3_EDI, gw2_EID), need_w))
-        return gx_TD, None, gs_N if need_s else None, None, *gws
+                torch.mm(ga, w1t, out=gx).addmm_(gb, w3t)
+        gx_TD = _sum_bags(gx_ND, bag_N, offsets_T) if need_x else None
+        gws = (gw if need else None for gw, need in zip((gw1_EDI, gw3_EDI, gw2_EID), (need_w1, need_w3, need_w2)))
+        return gx_TD, None, gs_N if need_s else None, None, None, None, *gws
 
 
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
