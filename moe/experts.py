@@ -9,15 +9,16 @@ Dispatch is sort-based and dropless by default:
   2. gather the tokens into that order: each expert's tokens are one contiguous slice;
   3. run every expert on its slice: `experts_loop` (readable reference) or `experts_grouped`
      (one torch.nn.functional.grouped_mm per weight, no Python loop);
-  4. scale each output by its routing weight and scatter-add it onto its token.
+  4. scale each output by its routing weight and add it onto its token.
 Steps 2 and 4 are the only data movement routing adds over a dense MLP: one gather of the
-N rows in (index_select) and one scatter-add of the N rows out (index_add_); each is the
-other's backward. Experts runs them in one of two ways ('auto' picks by device and size):
-  - grouped (GPU, small CPU batches): gather all N rows, three grouped matmuls with the
-    routing weight folded into the hidden activation, one scatter-add;
-  - loop (large CPU batches): `experts_loop_add`, one expert at a time, gather its rows,
-    compute, scatter-add them straight away while they are in cache; forward and backward
-    are written out by hand so each expert's gradients also land directly in place.
+N rows in and one sum of the N rows back onto their T tokens; each is the other's backward.
+Experts runs them in one of two ways ('auto' picks by device and size):
+  - grouped (GPU, small CPU batches): gather all N rows (index_select), three grouped matmuls
+    with the routing weight folded into the hidden activation, one scatter-add (index_add_);
+  - loop (large CPU batches): `experts_loop_add`, one expert at a time, gather its rows and
+    run its matmuls while they are in cache, then sum each token's K rows in one call
+    (`embedding_bag`, a gather-and-sum per token); forward and backward are written out by
+    hand so each expert's weight gradients also land directly in place.
 With a capacity factor, each expert keeps only its first ceil(cf * T * K / E) assignments (in
 token order) and the rest are dropped and counted: the classic Switch/GShard behaviour, kept
 for comparison.

@@ -1,7 +1,7 @@
 """The fast paths equal the readable ones, forward and backward.
 
 experts_grouped (grouped_mm, routing weight folded into the hidden activation) and
-experts_loop_add (per-expert scatter-add, the CPU path) against experts_loop; the gather /
+experts_loop_add (per-expert loop, gather-and-sum combine: the CPU path) against experts_loop; the gather /
 scatter-add dispatch of Experts against a per-token sum; the MoE layer with either
 implementation, eager and under torch.compile; the 'auto' choice; the standalone init.
 """
@@ -113,6 +113,26 @@ def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(T, E, K, see
         y.backward(gout)
         results.append([y.detach(), xi.grad, si.grad] + [w.grad for w in ws])
     assert_all_close(*results, rtol=1e-5, atol=1e-5)
+
+
+def test_loop_add_with_dropped_assignments_equals_scatter_add():
+    """Tokens keep 0..K of their assignments (a capacity limit): the per-token bags vary in size."""
+    T, E, K, D, I = 9, 4, 2, 8, 4
+    g = torch.Generator().manual_seed(5)
+    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    d = sort_by_expert(experts_TK, E, capacity=3)
+    token_N = d.order_N // K
+    assert int(d.dropped) > 0 and token_N.unique().numel() < T  # some tokens lose every assignment
+    x = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(token_N.numel(), generator=g, dtype=torch.float64, requires_grad=True)
+    ws = [w.double().requires_grad_(True) for w in expert_weights(E, D, I, g)]
+    got = experts_loop_add(x, token_N, s, d.counts_E, *ws)
+    ref = torch.zeros(T, D, dtype=torch.float64).index_add(
+        0, token_N, experts_loop(x.index_select(0, token_N), d.counts_E, *ws) * s.unsqueeze(-1))
+    torch.testing.assert_close(got, ref)
+    gout = torch.randn(T, D, generator=g, dtype=torch.float64)
+    assert_all_close(list(torch.autograd.grad(got, (x, s, *ws), gout)),
+                     list(torch.autograd.grad(ref, (x, s, *ws), gout)))
 
 
 def test_loop_add_gradcheck_float64_with_empty_experts():
