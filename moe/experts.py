@@ -84,7 +84,7 @@ def experts_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tenso
 @torch.compiler.disable  # as experts_loop
 def experts_loop_add(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.Tensor, counts_E: torch.Tensor,
                      w1_EDI: torch.Tensor, w3_EDI: torch.Tensor, w2_EID: torch.Tensor) -> torch.Tensor:
-    """y_TD[t] = sum over the assignments n of token t of scale_N[n] * expert(x_TD[t]) (the CPU fast path).
+    """y_TD[t] = sum over the assignments n of token t of scale_N[n] * expert_n(x_TD[t]): the CPU fast path.
 
     Equals x_ND = x_TD[token_N]; zeros.index_add_(0, token_N, experts_loop(x_ND, ...) * scale_N),
     in value and in every gradient (tests/test_perf_paths.py). Per expert it gathers its rows
