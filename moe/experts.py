@@ -118,17 +118,19 @@ class _LoopAdd(torch.autograd.Function):
     def forward(ctx, x_TD, token_N, scale_N, counts_E, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID):
         sizes = counts_E.tolist()
         N, D, I = token_N.numel(), x_TD.shape[-1], w1_EDI.shape[-1]
-        x_ND, y_ND, a_NI, b_NI = (x_TD.new_empty(N, width) for width in (D, D, I, I))
-        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), x_ND.split(sizes),
-                         a_NI.split(sizes), b_NI.split(sizes), y_ND.split(sizes),
+        keep = any(ctx.needs_input_grad)  # else x, a, b are per-expert temporaries, nothing saved
+        saved = [x_TD.new_empty(N, width) for width in (D, I, I)] if keep else []
+        rows = [buf.split(sizes) for buf in saved] if keep else [[None] * len(sizes)] * 3
+        y_ND = x_TD.new_empty(N, D)
+        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), *rows, y_ND.split(sizes),
                          w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
         for token_n, s, x, a, b, y, w1, w3, w2 in per_expert:
             if token_n.numel():
-                torch.index_select(x_TD, 0, token_n, out=x)
-                torch.mm(x, w1, out=a)
-                torch.mm(x, w3, out=b)
+                x = torch.index_select(x_TD, 0, token_n, out=x)
+                a, b = torch.mm(x, w1, out=a), torch.mm(x, w3, out=b)
                 torch.mm(F.silu(a).mul_(b).mul_(s), w2, out=y)
-        if any(ctx.needs_input_grad):
+        if keep:
+            x_ND, a_NI, b_NI = saved
             ctx.sizes = sizes
             ctx.save_for_backward(token_N, scale_N, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI)
         return _sum_bags(y_ND, bag_N, offsets_T)

@@ -135,6 +135,21 @@ def test_loop_add_with_dropped_assignments_equals_scatter_add():
                      list(torch.autograd.grad(ref, (x, s, *ws), gout)))
 
 
+def test_loop_add_without_grad_keeps_nothing_and_gives_the_same_output():
+    """Inference takes the branch that saves nothing (per-expert temporaries): same values."""
+    T, E, K, D, I = 40, 8, 3, 16, 8
+    g = torch.Generator().manual_seed(6)
+    d = random_dispatch(T, E, K, g)
+    token_N = d.order_N // K
+    x, s = torch.randn(T, D, generator=g), torch.rand(T * K, generator=g)
+    ws = expert_weights(E, D, I, g)
+    with torch.no_grad():
+        y = experts_loop_add(x, token_N, s, d.counts_E, *ws)
+    assert y.grad_fn is None
+    y_grad_mode = experts_loop_add(x.requires_grad_(True), token_N, s, d.counts_E, *ws)
+    torch.testing.assert_close(y, y_grad_mode.detach(), rtol=0, atol=0)
+
+
 def test_loop_add_gradcheck_float64_with_empty_experts():
     E, T, K, D, I = 5, 6, 2, 4, 3
     g = torch.Generator().manual_seed(0)
