@@ -315,10 +315,15 @@ def test_moe_under_torch_compile_matches_eager_and_counts_tokens(impl):
     assert sum(counts) == 2 * (32 + 32 + 24) * m.cfg.n_activated_experts
 
 
-def test_benchmark_factory_builds_our_moe_for_the_peer_harness():
+def load_benchmark():
     spec = importlib.util.spec_from_file_location("bench_moe_layer", os.path.join(ROOT, "benchmarks", "moe_layer.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_factory_builds_our_moe_for_the_peer_harness():
+    bench = load_benchmark()
     peer_cfg = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                     n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
                     routed_scaling_factor=2.5, hidden_act="silu", init_std=0.02, seed=0, dtype="float32")
@@ -329,3 +334,28 @@ def test_benchmark_factory_builds_our_moe_for_the_peer_harness():
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in m.parameters())
+
+
+TINY_BENCH = ["--sizes", "1x64", "--set", "dim=32", "--set", "moe_inter_dim=16", "--rounds", "1", "--steps", "1",
+              "--warmup", "0", "--threads", "1"]
+
+
+def test_benchmark_comparison_reports_every_entry_with_ratios(capsys):
+    torch.manual_seed(0)
+    out = load_benchmark().main(TINY_BENCH + ["--compile", "off", "--hf-impls", ""])
+    rows = {r["name"]: r for r in out["rows"]}
+    assert set(rows) == {"ours[loop]", "ours[grouped]", "dense[fused]", "dense[split]"}
+    dense_best = max(rows["dense[fused]"]["fb_tok_s"], rows["dense[split]"]["fb_tok_s"])
+    for r in rows.values():
+        assert r["fb_tok_s"] > 0 and r["peak_mb"] > 0
+        assert r["vs_dense"] == pytest.approx(r["fb_tok_s"] / dense_best)
+    assert 1.0 <= rows["ours[loop]"]["load_max_over_mean"] <= 16 and rows["dense[split]"]["load_max_over_mean"] is None
+    assert capsys.readouterr().out.splitlines()[-1].startswith("JSON {")
+
+
+def test_benchmark_breakdown_splits_matmuls_from_the_rest():
+    out = load_benchmark().main(TINY_BENCH + ["--breakdown"])
+    assert [r["part"].strip() for r in out["breakdown"]][0] == "layer (ours[auto])"
+    for row in out["inside"]:
+        assert 0 < row["matmul_ms"] <= row["total_ms"]
+        assert row["other_ms"] == pytest.approx(row["total_ms"] - row["matmul_ms"])
