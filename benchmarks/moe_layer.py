@@ -405,6 +405,9 @@ def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     return dict(crossover=rows)
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
+
+
 def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
                   dtype: torch.dtype) -> dict[str, Any]:
     """Where ours[auto]'s fwd+bwd time goes: its parts timed alone (interleaved), then a profile."""
@@ -463,30 +466,32 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     print(f"\n== breakdown of one fwd+bwd, {B}x{S}, {meta_line(device, dtype)}, ms (interleaved) ==")
     for row in rows:
         print(f"{row['part']:<50}{row['median_ms']:>9.1f} median{row['min_ms']:>9.1f} min")
-    # the matmuls inside each layer, as they run there (cold weights, fresh outputs), vs the rest
-    flops = 3 * T * active_fwd_flops_per_token(cfg)  # fwd+bwd; the dense layer's differ by the router's
-    split = []
-    for name in ("layer (ours[auto])", "dense[split] (the reference)"):
+    # 5 profiled steps of ours, and on CPU of the dense layer too, to split each one's time into its
+    # matmuls as they run inside the layer (cold weights, fresh outputs) and the rest (on GPU the
+    # profiler's CPU time is launch time, so no split there)
+    layer, dense_name = "layer (ours[auto])", "dense[split] (the reference)"
+    events = {}
+    for name in [layer] + ([dense_name] if device.type == "cpu" else []):
         with profile() as prof:
             for _ in range(5):
                 parts[name]()
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events) / 5e3
-        mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 5e3
+        events[name] = prof.key_averages()
+    table = events[layer].table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+    flops = 3 * T * active_fwd_flops_per_token(cfg)  # fwd+bwd; the dense layer's differ by the router's
+    split = []
+    for name in events if device.type == "cpu" else []:
+        total = sum(e.self_cpu_time_total for e in events[name]) / 5e3
+        mm = sum(e.self_cpu_time_total for e in events[name] if e.key in MATMUL_OPS) / 5e3
         split.append(dict(entry=name, total_ms=total, matmul_ms=mm, other_ms=total - mm,
                           matmul_gflops=flops / mm / 1e6))
-        if name.startswith("layer"):
-            table = events.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
-    print("\n== inside the layer (torch.profiler, 5 fwd+bwd each, profiler overhead included), ms per step ==")
-    print(f"{'entry':<32}{'total':>8}{'matmuls':>9}{'GFLOP/s':>9}{'the rest':>10}")
+    if split:
+        print("\n== inside the layer (torch.profiler, 5 fwd+bwd each, profiler overhead included), ms per step ==")
+        print(f"{'entry':<32}{'total':>8}{'matmuls':>9}{'GFLOP/s':>9}{'the rest':>10}")
     for row in split:
         print(f"{row['entry']:<32}{row['total_ms']:>8.1f}{row['matmul_ms']:>9.1f}{row['matmul_gflops']:>9.0f}"
               f"{row['other_ms']:>10.1f}")
     print(f"\n== torch.profiler, 5 fwd+bwd of ours[auto], by self CPU time ==\n{table}")
     return dict(breakdown=rows, inside=split, profile=table)
-
-
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
 
 
 def meta_line(device: torch.device, dtype: torch.dtype) -> str:

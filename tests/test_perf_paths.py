@@ -356,6 +356,8 @@ def test_benchmark_comparison_reports_every_entry_with_ratios(capsys):
 def test_benchmark_breakdown_splits_matmuls_from_the_rest():
     out = load_benchmark().main(TINY_BENCH + ["--breakdown"])
     assert [r["part"].strip() for r in out["breakdown"]][0] == "layer (ours[auto])"
-    for row in out["inside"]:
-        assert 0 < row["matmul_ms"] <= row["total_ms"]
-        assert row["other_ms"] == pytest.approx(row["total_ms"] - row["matmul_ms"])
+    ours, dense = out["inside"]
+    for row in (ours, dense):
+        assert 0 < row["matmul_ms"] < row["total_ms"]
+    # routing (scores, top-k, sort, gathers, combine) is work beyond the matmuls that a dense MLP does not do
+    assert ours["other_ms"] > dense["other_ms"]
