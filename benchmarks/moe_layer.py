@@ -470,11 +470,13 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     # matmuls as they run inside the layer (cold weights, fresh outputs) and the rest (on GPU the
     # profiler's CPU time is launch time, so no split there)
     layer, dense_name = "layer (ours[auto])", "dense[split] (the reference)"
-    events = {}
+    events, faults = {}, {}
     for name in [layer] + ([dense_name] if device.type == "cpu" else []):
+        faults0 = minor_page_faults()
         with profile() as prof:
             for _ in range(5):
                 parts[name]()
+        faults[name] = (minor_page_faults() - faults0) / 5
         events[name] = prof.key_averages()
     table = events[layer].table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
     flops = 3 * T * active_fwd_flops_per_token(cfg)  # fwd+bwd; the dense layer's differ by the router's
@@ -483,15 +485,25 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
         total = sum(e.self_cpu_time_total for e in events[name]) / 5e3
         mm = sum(e.self_cpu_time_total for e in events[name] if e.key in MATMUL_OPS) / 5e3
         split.append(dict(entry=name, total_ms=total, matmul_ms=mm, other_ms=total - mm,
-                          matmul_gflops=flops / mm / 1e6))
+                          matmul_gflops=flops / mm / 1e6, page_faults=faults[name]))
     if split:
-        print("\n== inside the layer (torch.profiler, 5 fwd+bwd each, profiler overhead included), ms per step ==")
-        print(f"{'entry':<32}{'total':>8}{'matmuls':>9}{'GFLOP/s':>9}{'the rest':>10}")
+        print("\n== inside the layer (torch.profiler, 5 fwd+bwd each, profiler overhead included), ms per step; "
+              "minor page faults per step ==")
+        print(f"{'entry':<32}{'total':>8}{'matmuls':>9}{'GFLOP/s':>9}{'the rest':>10}{'page faults':>13}")
     for row in split:
         print(f"{row['entry']:<32}{row['total_ms']:>8.1f}{row['matmul_ms']:>9.1f}{row['matmul_gflops']:>9.0f}"
-              f"{row['other_ms']:>10.1f}")
+              f"{row['other_ms']:>10.1f}{row['page_faults']:>13.0f}")
     print(f"\n== torch.profiler, 5 fwd+bwd of ours[auto], by self CPU time ==\n{table}")
     return dict(breakdown=rows, inside=split, profile=table)
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far: each first touch of memory fresh from the kernel."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def meta_line(device: torch.device, dtype: torch.dtype) -> str:
