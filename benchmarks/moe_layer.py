@@ -410,7 +410,8 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_gr
 
 def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
                   dtype: torch.dtype) -> dict[str, Any]:
-    """Where ours[auto]'s fwd+bwd time goes: its parts timed alone (interleaved), then a profile."""
+    """Where ours[auto]'s fwd+bwd time goes: its parts timed alone (interleaved), then profiles of it
+    and of the dense layer (on CPU: matmul time vs the rest, page faults), and ours' top ops."""
     from torch.profiler import profile
 
     B, S = (int(v) for v in args.sizes.split(",")[0].split("x"))
@@ -527,7 +528,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--crossover", action="store_true", help="time loop vs grouped over --crossover-tokens instead")
     ap.add_argument("--crossover-tokens", default="1,4,16,64,256,1024,4096,16384")
     ap.add_argument("--breakdown", action="store_true",
-                    help="time the parts of ours[auto] (first of --sizes) and print a profile instead")
+                    help="instead: time the parts of ours[auto] (first of --sizes), then profile it and the "
+                         "dense layer (matmuls vs the rest, page faults) and print ours' top ops")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
     args = ap.parse_args(argv)
