@@ -470,9 +470,9 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     # 5 profiled steps of ours, and on CPU of the dense layer too, to split each one's time into its
     # matmuls as they run inside the layer (cold weights, fresh outputs) and the rest (on GPU the
     # profiler's CPU time is launch time, so no split there)
-    layer, dense_name = "layer (ours[auto])", "dense[split] (the reference)"
+    layer, on_cpu = "layer (ours[auto])", device.type == "cpu"
     events, faults = {}, {}
-    for name in [layer] + ([dense_name] if device.type == "cpu" else []):
+    for name in [layer, "dense[split] (the reference)"] if on_cpu else [layer]:
         faults0 = minor_page_faults()
         with profile() as prof:
             for _ in range(5):
@@ -482,9 +482,9 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     table = events[layer].table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
     flops = 3 * T * active_fwd_flops_per_token(cfg)  # fwd+bwd; the dense layer's differ by the router's
     split = []
-    for name in events if device.type == "cpu" else []:
-        total = sum(e.self_cpu_time_total for e in events[name]) / 5e3
-        mm = sum(e.self_cpu_time_total for e in events[name] if e.key in MATMUL_OPS) / 5e3
+    for name, evs in events.items() if on_cpu else ():
+        total = sum(e.self_cpu_time_total for e in evs) / 5e3
+        mm = sum(e.self_cpu_time_total for e in evs if e.key in MATMUL_OPS) / 5e3
         split.append(dict(entry=name, total_ms=total, matmul_ms=mm, other_ms=total - mm,
                           matmul_gflops=flops / mm / 1e6, page_faults=faults[name]))
     if split:
