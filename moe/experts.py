@@ -144,11 +144,12 @@ class _LoopAdd(torch.autograd.Function):
         gx_ND = torch.empty_like(x_ND)
         gs_N = torch.empty_like(scale_N)
         gw1_EDI, gw3_EDI, gw2_EID = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
-        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), x_ND.split(sizes),
+        # x_ND.t() split by columns: each expert's x^T [D, n] for its weight gradients, one call
+        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), x_ND.t().split(sizes, dim=1),
                          a_NI.split(sizes), b_NI.split(sizes), gx_ND.split(sizes), gs_N.split(sizes),
                          _unbind_t(w1_EDI), _unbind_t(w3_EDI), _unbind_t(w2_EID), gw1_EDI.unbind(0), gw3_EDI.unbind(0),
                          _unbind_t(gw2_EID))
-        for token_n, s, x, a, b, gx, gs, w1t, w3t, w2t, gw1, gw3, gw2t in per_expert:
+        for token_n, s, xt, a, b, gx, gs, w1t, w3t, w2t, gw1, gw3, gw2t in per_expert:
             if not token_n.numel():
                 gw1.zero_(), gw3.zero_(), gw2t.zero_()  # an expert without tokens
                 continue
@@ -161,8 +162,8 @@ class _LoopAdd(torch.autograd.Function):
             gh.mul_(s)  # d/dh
             gb = gh * sa
             ga = torch.ops.aten.silu_backward(gh.mul_(b), a)
-            torch.mm(x.t(), ga, out=gw1)
-            torch.mm(x.t(), gb, out=gw3)
+            torch.mm(xt, ga, out=gw1)
+            torch.mm(xt, gb, out=gw3)
             if need_x:
                 torch.mm(ga, w1t, out=gx).addmm_(gb, w3t)
         gx_TD = _sum_bags(gx_ND, bag_N, offsets_T) if need_x else None
