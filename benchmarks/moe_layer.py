@@ -20,6 +20,7 @@ per expert). A table, then one line 'JSON {...}'.
   python benchmarks/moe_layer.py --device cuda --dtype bf16 --preset-size large
   python benchmarks/moe_layer.py --crossover                      # loop vs grouped over T
   python benchmarks/moe_layer.py --breakdown                      # where ours' time goes
+  python benchmarks/moe_layer.py --repeat 10 --max-gb 8           # ten runs, ours' ratios summarized
 
 As an entry of the reference harness (../shared/bench/peer_moe.py):
   python ../shared/bench/peer_moe.py --extra ours=benchmarks/moe_layer.py:build
@@ -321,7 +322,8 @@ def run_comparison(args: argparse.Namespace, cfg: ModelConfig, device: torch.dev
         for name, mod in entries.items():
             ts = times[name]
             rows.append(dict(
-                name=name, batch=B, seq=S, tokens=T, fb_ms=1e3 * statistics.median(ts), fb_min_ms=1e3 * min(ts),
+                name=name, auto=name in (f"ours[{auto}]", f"ours[{auto}]+compile"),
+                batch=B, seq=S, tokens=T, fb_ms=1e3 * statistics.median(ts), fb_min_ms=1e3 * min(ts),
                 fb_tok_s=T / statistics.median(ts), n_timed=len(ts),
                 peak_mb=peak_memory_mb(mod, x, gout),
                 load_max_over_mean=load_balance(mod, x, cfg.n_routed_experts)))
@@ -361,6 +363,46 @@ def print_table(result: dict[str, Any], meta: dict[str, Any]) -> None:
     print("vs dense: against the faster dense entry, compiled rows against compiled dense; peak MB: one "
           "fwd+bwd beyond parameters and inputs ('-' under torch.compile on CPU)")
 
+
+# issue 6's targets for ours, checked by --repeat
+TARGETS = {"vs_dense": 0.8, "vs_hf_best": 1.25}
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size and ours entry: each run's ratios, their median/min/max, and in how many runs each target is met."""
+    out = []
+    first = runs[0]["rows"]
+    for key in [(r["batch"], r["seq"], r["name"]) for r in first if r["name"].startswith("ours[")]:
+        per_run = [next(r for r in run["rows"] if (r["batch"], r["seq"], r["name"]) == key) for run in runs]
+        entry = dict(batch=key[0], seq=key[1], name=key[2], auto=per_run[0]["auto"], n_runs=len(runs))
+        for ratio, target in TARGETS.items():
+            vals = [r[ratio] for r in per_run if r[ratio] is not None]
+            entry[ratio] = vals
+            entry[f"{ratio}_median"] = statistics.median(vals) if vals else None
+            entry[f"{ratio}_met"] = sum(v >= target for v in vals)
+        out.append(entry)
+    return out
+
+
+def print_summary(runs: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
+    labels = [f"{e['batch']}x{e['seq']} {e['name']}{' =auto' if e['auto'] else ''}" for e in summary]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    print(f"\n== {len(runs)} runs: ours vs the targets (vs dense >= {TARGETS['vs_dense']}, vs hf best >= "
+          f"{TARGETS['vs_hf_best']}), each run's ratios from its interleaved medians ==")
+    print(f"{'run':>3}{'load at start':>15}" + "".join(f"{label:>28}" for label in labels))
+    for i, run in enumerate(runs):
+        cells = [f"{fmt(e['vs_dense'][i] if e['vs_dense'] else None)} / "
+                 f"{fmt(e['vs_hf_best'][i] if e['vs_hf_best'] else None)}" for e in summary]
+        print(f"{i + 1:>3}{run['loadavg_start'][0]:>15.2f}" + "".join(f"{c:>28}" for c in cells))
+    print("(each cell: vs dense / vs hf best)")
+    print(f"{'entry':<30}{'vs dense: median (min-max)':>28}{'met':>7}{'vs hf best: median (min-max)':>30}{'met':>7}")
+    for label, e in zip(labels, summary):
+        cols = []
+        for ratio in TARGETS:
+            vals = e[ratio]
+            spread = f"{e[ratio + '_median']:.2f} ({min(vals):.2f}-{max(vals):.2f})" if vals else "-"
+            cols += [spread, f"{e[ratio + '_met']}/{len(vals)}" if vals else "-"]
+        print(f"{label:<30}{cols[0]:>28}{cols[1]:>7}{cols[2]:>30}{cols[3]:>7}")
 
 def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
                   dtype: torch.dtype) -> dict[str, Any]:
@@ -525,6 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per entry per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-gb", type=float, default=4.0, help="skip hf[batched_mm] when it would need more")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the comparison this many times, then summarize ours' ratios against the targets")
     ap.add_argument("--crossover", action="store_true", help="time loop vs grouped over --crossover-tokens instead")
     ap.add_argument("--crossover-tokens", default="1,4,16,64,256,1024,4096,16384")
     ap.add_argument("--breakdown", action="store_true",
@@ -533,6 +577,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.repeat > 1 and (args.crossover or args.breakdown):
+        ap.error("--repeat applies to the comparison, not to --crossover or --breakdown")
 
     from moe.config import parse_overrides
 
@@ -555,10 +603,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run_crossover(args, cfg, device, dtype)
     elif args.breakdown:
         result = run_breakdown(args, cfg, device, dtype)
+    elif args.repeat > 1:
+        runs = []
+        for i in range(args.repeat):
+            start = os.getloadavg()
+            print(f"\n## run {i + 1} of {args.repeat}, load average at start {start}")
+            runs.append(dict(loadavg_start=start, **run_comparison(args, cfg, device, dtype)))
+            print_table(runs[-1], meta)
+        result = dict(runs=runs, summary=summarize_runs(runs))
+        print_summary(runs, result["summary"])
     else:
         result = run_comparison(args, cfg, device, dtype)
     meta["loadavg_end"] = os.getloadavg()
-    if not (args.crossover or args.breakdown):
+    if not (args.crossover or args.breakdown or args.repeat > 1):
         print_table(result, meta)
     print(f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
     out = dict(meta=meta, **result)

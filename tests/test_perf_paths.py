@@ -353,6 +353,22 @@ def test_benchmark_comparison_reports_every_entry_with_ratios(capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("JSON {")
 
 
+
+def test_benchmark_repeat_summarizes_each_runs_ratios_against_the_targets(capsys):
+    bench = load_benchmark()
+    out = bench.main(TINY_BENCH + ["--compile", "off", "--hf-impls", "eager", "--impls", "loop", "--repeat", "3"])
+    assert len(out["runs"]) == 3
+    (summary,) = out["summary"]
+    assert summary["name"] == "ours[loop]" and summary["n_runs"] == 3
+    for ratio, target in bench.TARGETS.items():
+        per_run = [next(r for r in run["rows"] if r["name"] == "ours[loop]")[ratio] for run in out["runs"]]
+        assert summary[ratio] == per_run
+        assert summary[f"{ratio}_median"] == sorted(per_run)[1]
+        assert summary[f"{ratio}_met"] == sum(v >= target for v in per_run)
+    printed = capsys.readouterr().out
+    assert printed.count("## run ") == 3 and "3 runs: ours vs the targets" in printed
+    assert printed.splitlines()[-1].startswith("JSON {")
+
 def test_benchmark_breakdown_splits_matmuls_from_the_rest():
     out = load_benchmark().main(TINY_BENCH + ["--breakdown"])
     assert [r["part"].strip() for r in out["breakdown"]][0] == "layer (ours[auto])"
