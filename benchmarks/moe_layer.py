@@ -389,20 +389,22 @@ def print_summary(runs: list[dict[str, Any]], summary: list[dict[str, Any]]) -> 
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
     print(f"\n== {len(runs)} runs: ours vs the targets (vs dense >= {TARGETS['vs_dense']}, vs hf best >= "
           f"{TARGETS['vs_hf_best']}), each run's ratios from its interleaved medians ==")
-    print(f"{'run':>3}{'load at start':>15}" + "".join(f"{label:>28}" for label in labels))
+    w = max(len(label) for label in labels) + 2
+    print(f"{'run':>3}{'load at start':>15}" + "".join(f"{label:>{w}}" for label in labels))
     for i, run in enumerate(runs):
         cells = [f"{fmt(e['vs_dense'][i] if e['vs_dense'] else None)} / "
                  f"{fmt(e['vs_hf_best'][i] if e['vs_hf_best'] else None)}" for e in summary]
-        print(f"{i + 1:>3}{run['loadavg_start'][0]:>15.2f}" + "".join(f"{c:>28}" for c in cells))
+        print(f"{i + 1:>3}{run['loadavg_start'][0]:>15.2f}" + "".join(f"{c:>{w}}" for c in cells))
     print("(each cell: vs dense / vs hf best)")
-    print(f"{'entry':<30}{'vs dense: median (min-max)':>28}{'met':>7}{'vs hf best: median (min-max)':>30}{'met':>7}")
+    print(f"{'entry':<{w}}{'vs dense: median (min-max)':>28}{'met':>7}{'vs hf best: median (min-max)':>30}{'met':>7}")
     for label, e in zip(labels, summary):
         cols = []
         for ratio in TARGETS:
             vals = e[ratio]
             spread = f"{e[ratio + '_median']:.2f} ({min(vals):.2f}-{max(vals):.2f})" if vals else "-"
             cols += [spread, f"{e[ratio + '_met']}/{len(vals)}" if vals else "-"]
-        print(f"{label:<30}{cols[0]:>28}{cols[1]:>7}{cols[2]:>30}{cols[3]:>7}")
+        print(f"{label:<{w}}{cols[0]:>28}{cols[1]:>7}{cols[2]:>30}{cols[3]:>7}")
+
 
 def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
                   dtype: torch.dtype) -> dict[str, Any]:

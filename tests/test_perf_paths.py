@@ -8,6 +8,7 @@ implementation, eager and under torch.compile; the 'auto' choice; the standalone
 
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
@@ -368,6 +369,18 @@ def test_benchmark_repeat_summarizes_each_runs_ratios_against_the_targets(capsys
     printed = capsys.readouterr().out
     assert printed.count("## run ") == 3 and "3 runs: ours vs the targets" in printed
     assert printed.splitlines()[-1].startswith("JSON {")
+
+
+def test_benchmark_summary_keeps_long_entry_names_apart(capsys):
+    bench = load_benchmark()
+    entry = dict(batch=16, seq=512, n_runs=1, vs_dense=[0.8], vs_dense_median=0.8, vs_dense_met=1,
+                 vs_hf_best=[1.3], vs_hf_best_median=1.3, vs_hf_best_met=1)
+    summary = [dict(entry, name="ours[loop]+compile", auto=True), dict(entry, name="ours[grouped]+compile", auto=False)]
+    bench.print_summary([dict(loadavg_start=(0.5, 0.5, 0.5))], summary)
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("run"))
+    assert re.split(r"\s{2,}", header) == ["run", "load at start", "16x512 ours[loop]+compile =auto",
+                                          "16x512 ours[grouped]+compile"]
+
 
 def test_benchmark_breakdown_splits_matmuls_from_the_rest():
     out = load_benchmark().main(TINY_BENCH + ["--breakdown"])
