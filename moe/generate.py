@@ -14,6 +14,8 @@ the cache slot of the bad draft is simply overwritten later. Acceptance uses the
 rule (accept with probability min(1, p/q), else sample from max(0, p - q)), which keeps the
 output distribution exactly the main model's; with greedy decoding that reduces to "accept
 iff the draft equals the main model's argmax", so greedy speculative == greedy.
+With n_mtp >= 2, draft_len=2 chains modules 1 and 2 (module 2 reads module 1's draft) and
+the verify forward checks both drafts: up to three tokens per main forward.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import codecs
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -116,55 +118,103 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
 class SpecStats:
     new_tokens: int = 0
     main_forwards: int = 0  # forwards of the main model, the prefill included
-    drafted: int = 0  # MTP drafts the main model checked
+    drafted: int = 0  # MTP drafts the main model checked (a draft after a rejected one is not checked)
     accepted: int = 0
     seconds: float = 0.0
+    draft_seconds: float = 0.0  # of which in the MTP modules (wall clock, no device sync)
+    drafted_by_depth: list[int] = field(default_factory=list)  # [j]: drafts j+1 tokens ahead checked
+    accepted_by_depth: list[int] = field(default_factory=list)
 
     @property
     def acceptance(self) -> float:
         return self.accepted / max(self.drafted, 1)
 
     @property
+    def acceptance_by_depth(self) -> list[float]:
+        """Per draft position: accepted / checked, i.e. given that every earlier draft was accepted."""
+        return [a / max(d, 1) for a, d in zip(self.accepted_by_depth, self.drafted_by_depth)]
+
+    @property
     def tokens_per_forward(self) -> float:
         return self.new_tokens / max(self.main_forwards, 1)
 
 
+Choose = Callable[[torch.Tensor], tuple[int, torch.Tensor]]  # logits_V -> (token, the probs it came from)
+
+
 class _MTPDrafter:
-    """MTP module 1 with its own KV cache: h_i (main) + Emb(t_{i+1}) -> a draft of t_{i+2}."""
+    """MTP modules 1..depth chained as a drafter, each with its own KV cache.
 
-    def __init__(self, model: Transformer):
-        self.model = model
-        self.module = model.mtp[0]
+    Module k at position i reads h^{k-1}_i (h^0: the main model's last hidden state) and
+    Emb(t_{i+k}), and predicts t_{i+k+1}, as in training. At the newest position the token
+    module k reads is module k-1's draft, so the chain drafts depth tokens ahead. Positions
+    whose inputs included a draft are fed again on the next call (their cache slots are
+    overwritten), so what the caches keep was computed from confirmed tokens only.
+    """
+
+    def __init__(self, model: Transformer, depth: int = 1):
+        if not 1 <= depth <= len(model.mtp):
+            raise ValueError(f"draft_len must be between 1 and the model's n_mtp ({len(model.mtp)}), got {depth}")
+        self.model, self.depth = model, depth
         w = model.embed.weight
-        self.cache = self.module.block.attn.new_cache(1, model.cfg.max_seq_len, w.device, w.dtype)
+        L = model.cfg.max_seq_len
+        self.caches = [m.block.attn.new_cache(1, L, w.device, w.dtype) for m in model.mtp[:depth]]
+        self.hidden = [w.new_zeros(1, L, model.cfg.dim) for _ in range(depth)]  # [k]: h^k, input of module k+1
+        self.fed = [0] * depth  # module k+1's cache is final below this position
 
-    def __call__(self, h_BSD: torch.Tensor, next_tokens: list[int], start_pos: int) -> torch.Tensor:
-        """Feed positions start_pos.. (main hidden states and the tokens after them); logits of the last."""
+    def __call__(self, h_BSD: torch.Tensor, start_pos: int, seq: list[int], n: int,
+                 choose: Choose) -> tuple[list[int], list[torch.Tensor]]:
+        """Store the main model's hidden states of positions start_pos.. (the newest is len(seq) - 2,
+        seq[-1] is not fed yet), then draft n <= depth tokens after seq: (drafts, their probs)."""
         m = self.model
-        S = h_BSD.shape[1]
-        emb_BSD = m.embed(torch.tensor([next_tokens], device=h_BSD.device))
-        cos, sin = m.rope_cos[start_pos:start_pos + S], m.rope_sin[start_pos:start_pos + S]
-        x_BSD, _ = self.module(h_BSD, emb_BSD, cos, sin, self.cache, start_pos)
-        return m.head(self.module.norm(x_BSD[:, -1]))[0]
+        last = len(seq) - 2
+        self.hidden[0][:, start_pos:start_pos + h_BSD.shape[1]] = h_BSD
+        tokens = list(seq)  # grows by each draft
+        drafts, probs = [], []
+        for k, module in enumerate(m.mtp[:n], start=1):
+            lo = self.fed[k - 1]
+            emb_BSD = m.embed(torch.tensor([tokens[lo + k:last + k + 1]], device=h_BSD.device))
+            cos, sin = m.rope_cos[lo:last + 1], m.rope_sin[lo:last + 1]
+            x_BSD, _ = module(self.hidden[k - 1][:, lo:last + 1], emb_BSD, cos, sin, self.caches[k - 1], lo)
+            if k < self.depth:
+                self.hidden[k][:, lo:last + 1] = x_BSD
+            tok, q_V = choose(m.head(module.norm(x_BSD[:, -1]))[0])
+            drafts.append(tok)
+            probs.append(q_V)
+            tokens.append(tok)
+            self.fed[k - 1] = len(seq) - k  # positions i <= len(seq) - 1 - k read confirmed tokens only
+        return drafts, probs
 
 
 @torch.no_grad()
 def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                          top_k: int | None = None, top_p: float | None = None,
                          generator: torch.Generator | None = None,
-                         on_token: TokenCallback | None = None) -> tuple[list[int], SpecStats]:
-    """Like generate (same stopping rule), drafting one token ahead with the MTP module."""
+                         on_token: TokenCallback | None = None, draft_len: int = 1) -> tuple[list[int], SpecStats]:
+    """Like generate (same stopping rule), drafting draft_len tokens ahead with MTP modules 1..draft_len.
+
+    One verify forward of the main model checks all drafts at once: draft j is accepted with
+    probability min(1, p_j/q_j) (greedy: iff it is the main model's argmax); the first rejected
+    one is replaced by a sample of max(0, p_j - q_j), and if all pass the forward's last output
+    gives one more token. So a step yields 1 to draft_len + 1 tokens, distributed as plain sampling.
+    """
     if not len(model.mtp):
         raise ValueError("speculative decoding needs an MTP module, but this model has n_mtp=0; "
                          "train one with --set n_mtp=1")
+    if not isinstance(draft_len, int) or not 1 <= draft_len <= len(model.mtp):
+        raise ValueError(f"draft_len must be between 1 and the model's n_mtp ({len(model.mtp)}), got {draft_len!r}")
     _validate(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, prompt)
     t0 = time.perf_counter()
     device = model.embed.weight.device
     limit = model.cfg.max_seq_len
-    stats = SpecStats()
+    stats = SpecStats(drafted_by_depth=[0] * draft_len, accepted_by_depth=[0] * draft_len)
     seq, new = list(prompt), []
     probs = lambda logits_V: next_token_probs(logits_V, temperature, top_k, top_p)
+
+    def choose(logits_V: torch.Tensor) -> tuple[int, torch.Tensor]:
+        q_V = probs(logits_V)
+        return sample(q_V, generator), q_V
 
     def emit(tok: int) -> bool:
         """Append a token; False once generation must stop."""
@@ -177,37 +227,44 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     if max_new_tokens == 0 or len(seq) >= limit:
         return new, stats
     cache = model.new_cache(1)
-    drafter = _MTPDrafter(model)
+    drafter = _MTPDrafter(model, draft_len)
     logits_BSV, _, h_BSD = model(torch.tensor([seq], device=device), cache=cache, start_pos=0, return_hidden=True)
     stats.main_forwards += 1
     going = emit(sample(probs(logits_BSV[0, -1]), generator))
-    q_V = probs(drafter(h_BSD, seq[1:], 0))  # MTP over the prompt: draft for the position after seq[-1]
+    h_start = 0  # h_BSD holds the main hidden states of positions h_start.. with confirmed inputs
     while going:
         pos = len(seq) - 1  # position of the newest token, not yet fed to the main model
-        draft = sample(q_V, generator)
-        logits_BSV, _, h_BSD = model(torch.tensor([[seq[-1], draft]], device=device), cache=cache,
+        t_draft = time.perf_counter()
+        drafts, q_list = drafter(h_BSD, h_start, seq, min(draft_len, limit - len(seq)), choose)
+        stats.draft_seconds += time.perf_counter() - t_draft
+        logits_BSV, _, h_BSD = model(torch.tensor([[seq[-1], *drafts]], device=device), cache=cache,
                                      start_pos=pos, return_hidden=True)
         stats.main_forwards += 1
-        stats.drafted += 1
-        p_V = probs(logits_BSV[0, 0])
-        accept_prob = float(p_V[draft] / q_V[draft].clamp_min(1e-30))
-        if accept_prob >= 1.0 or accept_prob <= 0.0:  # always the case when greedy: no randomness
-            accepted = accept_prob >= 1.0
-        else:
-            accepted = float(torch.rand((), generator=generator)) < accept_prob
-        if accepted:
+        n_ok = 0
+        for j, (draft, q_V) in enumerate(zip(drafts, q_list)):
+            stats.drafted += 1
+            stats.drafted_by_depth[j] += 1
+            p_V = probs(logits_BSV[0, j])
+            accept_prob = float(p_V[draft] / q_V[draft].clamp_min(1e-30))
+            if accept_prob >= 1.0 or accept_prob <= 0.0:  # always the case when greedy: no randomness
+                accepted = accept_prob >= 1.0
+            else:
+                accepted = float(torch.rand((), generator=generator)) < accept_prob
+            if not accepted:
+                residual_V = (p_V - q_V).clamp_min(0.0)
+                residual_V = residual_V / residual_V.sum() if residual_V.sum() > 0 else p_V
+                going = emit(sample(residual_V, generator))
+                break
             stats.accepted += 1
+            stats.accepted_by_depth[j] += 1
+            n_ok += 1
             going = emit(draft)
             if not going:
                 break
-            going = emit(sample(probs(logits_BSV[0, 1]), generator))
-            q_V = probs(drafter(h_BSD, seq[-2:], pos))
-        else:
-            residual_V = (p_V - q_V).clamp_min(0.0)
-            residual_V = residual_V / residual_V.sum() if residual_V.sum() > 0 else p_V
-            going = emit(sample(residual_V, generator))
-            if going:  # the draft's cache slots (main and MTP) get overwritten from pos + 1 on
-                q_V = probs(drafter(h_BSD[:, :1], seq[-1:], pos))
+        else:  # every draft accepted: the forward's last output is one more token
+            going = emit(sample(probs(logits_BSV[0, len(drafts)]), generator))
+        # the rejected drafts' cache slots (main and MTP) get overwritten from pos + 1 + n_ok on
+        h_BSD, h_start = h_BSD[:, :1 + n_ok], pos
     stats.new_tokens = len(new)
     stats.seconds = time.perf_counter() - t0
     return new, stats

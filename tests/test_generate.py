@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import random
 
 import pytest
 import torch
@@ -27,15 +29,23 @@ def random_model(**changes) -> Transformer:
     return Transformer(TINY.replace(**changes)).eval()
 
 
-@pytest.fixture(scope="module")
-def trained_mtp_model(tmp_path_factory):
-    """A tiny n_mtp=1 model trained briefly on a periodic text: its MTP drafts are often right."""
-    d = tmp_path_factory.mktemp("mtp")
+def train_tiny_mtp(d, n_mtp: int) -> Transformer:
+    """A tiny model trained briefly on a periodic text: its MTP drafts are often right."""
     (d / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
     tc = TrainConfig(out=str(d / "run"), steps=60, batch_size=8, seq_len=48, lr=1e-2, min_lr=1e-3,
                      warmup_steps=5, eval_interval=0, device="cpu", threads=1, data=str(d / "t.txt"),
                      progress=False, plots=False)
-    return train(tc, TINY.replace(n_mtp=1, init_std=0.02)).model.eval()
+    return train(tc, TINY.replace(n_mtp=n_mtp, init_std=0.02)).model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_mtp_model(tmp_path_factory):
+    return train_tiny_mtp(tmp_path_factory.mktemp("mtp"), n_mtp=1)
+
+
+@pytest.fixture(scope="module")
+def trained_mtp2_model(tmp_path_factory):
+    return train_tiny_mtp(tmp_path_factory.mktemp("mtp2"), n_mtp=2)
 
 
 # ------------------------------------------------------------------------------ sampling filters
@@ -120,13 +130,38 @@ def test_speculative_greedy_equals_plain_greedy(trained_mtp_model, prompt):
     assert stats.main_forwards == 1 + stats.drafted
 
 
-def test_speculative_greedy_equals_plain_with_many_rejections():
-    model = random_model(n_mtp=1)  # an untrained drafter is mostly wrong: the reject path
+@pytest.mark.parametrize("prompt", [b"the quick", b"lazy dog. the", b"x"])
+@pytest.mark.parametrize("draft_len", [1, 2])
+def test_speculative_greedy_equals_plain_greedy_with_two_mtp_modules(trained_mtp2_model, prompt, draft_len):
+    model = trained_mtp2_model
+    plain = generate(model, list(prompt), 40, temperature=0)
+    spec, stats = speculative_generate(model, list(prompt), 40, temperature=0, draft_len=draft_len)
+    assert spec == plain
+    assert len(stats.drafted_by_depth) == draft_len and stats.drafted == sum(stats.drafted_by_depth)
+    assert stats.accepted_by_depth[-1] > 0  # the deepest draft is accepted sometimes...
+    assert stats.tokens_per_forward > 1.0
+    verifies = stats.main_forwards - 1
+    assert stats.drafted_by_depth[0] == verifies
+    if draft_len == 2:
+        assert stats.drafted_by_depth[1] <= stats.accepted_by_depth[0]  # ...and checked only after draft 1 passed
+        assert (stats.new_tokens - 1) / verifies > 1 + stats.acceptance_by_depth[0] - 0.05  # > one draft's worth
+
+
+@pytest.mark.parametrize("draft_len", [1, 2])
+def test_speculative_greedy_equals_plain_with_many_rejections(draft_len):
+    model = random_model(n_mtp=2)  # an untrained drafter is mostly wrong: the reject path
     for prompt in ([5], list(b"hello world")):
         plain = generate(model, prompt, 25, temperature=0)
-        spec, stats = speculative_generate(model, prompt, 25, temperature=0)
+        spec, stats = speculative_generate(model, prompt, 25, temperature=0, draft_len=draft_len)
         assert spec == plain
         assert stats.drafted > stats.accepted
+
+
+def test_draft_len_is_checked():
+    model = random_model(n_mtp=1)
+    for bad in (0, 2):
+        with pytest.raises(ValueError, match=r"draft_len must be between 1 and the model's n_mtp \(1\)"):
+            speculative_generate(model, [1], 5, draft_len=bad)
 
 
 def test_speculative_respects_the_limits(trained_mtp_model):
@@ -136,6 +171,14 @@ def test_speculative_respects_the_limits(trained_mtp_model):
         assert len(new) == n
     new, _ = speculative_generate(model, list(range(97, 97 + 61)), 100, temperature=0)
     assert len(new) == 64 - 61
+
+
+@pytest.mark.parametrize("prompt_len", [60, 61, 62, 63])
+def test_two_drafts_stop_at_max_seq_len(trained_mtp2_model, prompt_len):
+    prompt = list(range(97, 97 + prompt_len))
+    plain = generate(trained_mtp2_model, prompt, 100, temperature=0)
+    new, _ = speculative_generate(trained_mtp2_model, prompt, 100, temperature=0, draft_len=2)
+    assert new == plain and len(new) == 64 - prompt_len
 
 
 def test_speculative_sampling_runs_and_streams(trained_mtp_model):
@@ -155,22 +198,107 @@ def test_stream_printer_waits_for_whole_characters():
     assert out.getvalue() == "né 世\n"
 
 
-def test_mtp_drafter_with_cache_matches_the_training_path():
-    """The drafter sees what MTP saw in training: h_i and Emb(t_{i+1}) -> logits for t_{i+2}."""
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_drafter_with_cache_matches_the_training_path(depth):
+    """Module k at position i sees h^{k-1}_i and Emb(t_{i+k}) -> logits for t_{i+k+1}, as in training,
+    whatever chunks the positions arrive in, and after wrong drafts too (those slots are fed again)."""
     from moe.generate import _MTPDrafter
 
-    model = random_model(n_mtp=1)
-    seq = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    model = random_model(n_mtp=2)
+    S = 28
+    seq = torch.randint(0, 256, (1, S), generator=torch.Generator().manual_seed(0))
+    toks = seq[0].tolist()
     with torch.no_grad():
         _, _, h_BSD = model(seq, return_hidden=True)
-        mtp = model.mtp[0]
-        n = seq.shape[1] - 1
-        x_BSD, _ = mtp(h_BSD[:, :n], model.embed(seq[:, 1:]), model.rope_cos[:n], model.rope_sin[:n])
-        full_BSV = model.head(mtp.norm(x_BSD))
-        drafter, cache = _MTPDrafter(model), model.new_cache(1)
-        _, _, h = model(seq[:, :8], cache=cache, start_pos=0, return_hidden=True)
-        got = [drafter(h, seq[0, 1:9].tolist(), 0)]
-        for p in range(8, n):
-            _, _, h = model(seq[:, p:p + 1], cache=cache, start_pos=p, return_hidden=True)
-            got.append(drafter(h, [int(seq[0, p + 1])], p))
-    torch.testing.assert_close(torch.stack(got), full_BSV[0, 7:], rtol=1e-4, atol=1e-4)
+        full = []  # full[k-1][i]: module k's logits at position i (predicting t_{i+k+1})
+        for k, mtp in enumerate(model.mtp[:depth], start=1):
+            n = S - k
+            h_BSD, _ = mtp(h_BSD[:, :n], model.embed(seq[:, k:k + n]), model.rope_cos[:n], model.rope_sin[:n])
+            full.append(model.head(mtp.norm(h_BSD))[0])
+        drafter, cache = _MTPDrafter(model, depth), model.new_cache(1)
+        rng = random.Random(0)
+        got, wrong_drafts = [], 0
+        a, b = 0, 8
+        while b <= S - 1 - depth:
+            _, _, h = model(seq[:, a:b], cache=cache, start_pos=a, return_hidden=True)
+            state = {"k": 0, "true": True}
+
+            def choose(logits_V, b=b, state=state):
+                state["k"] += 1
+                k = state["k"]
+                if state["true"]:  # every token module k read at position b - 1 is the real one
+                    got.append((logits_V, full[k - 1][b - 1]))
+                tok = toks[b + k]
+                if rng.random() < 0.3:
+                    tok, state["true"] = (tok + 1) % 256, False
+                return tok, torch.zeros(256)
+
+            drafter(h, a, toks[:b + 1], depth, choose)
+            wrong_drafts += not state["true"]
+            a, b = b, b + rng.choice([1, 2, 3])
+    assert len(got) >= 8 and (depth == 1 or wrong_drafts > 2)  # depth 2: re-feeding after a wrong draft
+    torch.testing.assert_close(torch.stack([g for g, _ in got]), torch.stack([w for _, w in got]),
+                               rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ sampling keeps the distribution
+def exact_first_tokens(model: Transformer, prompt: list[int], n: int, **filters) -> dict[tuple[int, ...], float]:
+    """P(first n new tokens) of plain sampling, by enumerating every prefix (tiny vocabularies only)."""
+    dist: dict[tuple[int, ...], float] = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(n):
+            grown = {}
+            for prefix, p in dist.items():
+                probs_V = next_token_probs(model(torch.tensor([prompt + list(prefix)]))[0][0, -1], **filters)
+                grown.update({prefix + (t,): p * float(q) for t, q in enumerate(probs_V.tolist()) if q > 0})
+            dist = grown
+    return dist
+
+
+def chi_square(counts: dict, expected_p: dict, n: int) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom; cells expecting < 5 are pooled into one."""
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    for cell in set(expected_p) | set(counts):
+        e, o = n * expected_p.get(cell, 0.0), counts.get(cell, 0)
+        if e < 5:
+            pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
+        else:
+            stat, cells = stat + (o - e) ** 2 / e, cells + 1
+    if pooled_exp > 0:
+        stat, cells = stat + (pooled_obs - pooled_exp) ** 2 / pooled_exp, cells + 1
+    elif pooled_obs:
+        stat = float("inf")  # a sequence plain sampling can never produce
+    return stat, cells - 1
+
+
+def chi_square_critical(df: int, z: float = 3.0902) -> float:
+    """Upper 0.1% point of chi-square(df), Wilson-Hilferty approximation (z = the normal 99.9% point)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft_len, filters", [(1, {"temperature": 1.0}),
+                                                (2, {"temperature": 0.8, "top_k": 3})])
+def test_speculative_sampling_keeps_the_distribution(draft_len, filters):
+    """Chi-square of the first 3 sampled tokens (1500 seeds) against plain sampling's exact distribution.
+
+    Token 1 comes from the prefill; tokens 2-3 pass the accept/reject rule of one or two drafts.
+    A random drafter disagrees with the main model often, so both branches are taken.
+    """
+    model = random_model(vocab_size=5, n_layers=1, n_dense_layers=1, attn="mha", n_mtp=2)  # fast, same rule
+    prompt, n, N = [1, 3], 3, 1500
+    exact = exact_first_tokens(model, prompt, n, **filters)
+    counts: dict[tuple[int, ...], int] = {}
+    accepted = drafted = 0
+    for seed in range(N):
+        new, stats = speculative_generate(model, prompt, n, generator=torch.Generator().manual_seed(seed),
+                                          draft_len=draft_len, **filters)
+        counts[tuple(new)] = counts.get(tuple(new), 0) + 1
+        accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    assert 0.2 < accepted / drafted < 0.9  # both the accept and the residual branch are exercised
+    stat, df = chi_square(counts, exact, N)
+    assert df >= 10 and stat < chi_square_critical(df), (stat, df)
+    # the same samples are far from a slightly different distribution: the test has power
+    hotter = exact_first_tokens(model, prompt, n, **{**filters, "temperature": filters["temperature"] * 1.3})
+    stat_wrong, df_wrong = chi_square(counts, hotter, N)
+    assert stat_wrong > chi_square_critical(df_wrong), (stat_wrong, df_wrong)
