@@ -168,6 +168,20 @@ def dense_equal_total(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(n_dense_layers=cfg.n_layers, inter_dim=width)
 
 
+def dense_equal_active(cfg: ModelConfig) -> ModelConfig:
+    """A dense model with (about) the same ACTIVE parameters and FLOPs per token as cfg.
+
+    Every block a SwiGLU as wide as the mean FFN a token meets in cfg: leading dense blocks,
+    shared and chosen experts and the router, averaged over blocks. `moe.config.dense_baseline`
+    instead gives every block the MoE blocks' width, so it is smaller when cfg's dense blocks
+    are wider (the toy: 4.9% fewer active parameters).
+    """
+    p = count_params(cfg)
+    ffn = p["dense_ffn"] + p["shared_experts"] + p["routed_experts_active"] + p["router"]
+    width = max(1, round(ffn / (3 * cfg.dim * cfg.n_layers)))
+    return cfg.replace(n_dense_layers=cfg.n_layers, inter_dim=width)
+
+
 # ---------------------------------------------------------------------------- FLOPs
 def attention_context_flops(cfg: ModelConfig, context: float, absorbed: bool = False) -> float:
     """Per token per layer: scores (q.k) plus weighted values (p.v) over `context` keys.

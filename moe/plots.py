@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def save(fig: Figure, path: str | os.PathLike) -> str:
+def save(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> str:
     """Write fig to path (creating the folder) and close it; returns the path."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -185,3 +185,144 @@ def plot_expert_load(records: list[dict], layer_names: list[str] | None = None) 
         ax2.axis("off")
     fig.tight_layout()
     return fig
+
+
+# ============================================================================ does it pay? (experiments/)
+# Figures of experiments/dense_vs_moe.py and experiments/mtp.py. A "curve" is one run's evals:
+# {"tokens": [...], "elapsed_s": [...], "val_loss": [...]}; each model has one curve per seed.
+
+
+def _mean_curve(curves: list[dict], x_key: str) -> tuple[list[float], list[float]]:
+    """Mean over seeds, eval by eval (every seed evaluates at the same steps)."""
+    n = min(len(c["val_loss"]) for c in curves)
+    xs = [sum(c[x_key][i] for c in curves) / len(curves) for i in range(n)]
+    ys = [sum(c["val_loss"][i] for c in curves) / len(curves) for i in range(n)]
+    return xs, ys
+
+
+def _zoom(ax, curves: dict[str, list[dict]]) -> None:
+    """Show the last three quarters of training: the first evals would flatten the differences."""
+    finals = [_mean_curve(cs, "tokens")[1] for cs in curves.values()]
+    lo = min(min(y) for y in finals)
+    hi = max(y[min(len(y) - 1, len(y) // 4)] for y in finals)
+    ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
+
+
+def _plot_curves(ax, curves: dict[str, list[dict]], x_key: str) -> None:
+    for i, (label, cs) in enumerate(curves.items()):
+        color = f"C{i}"
+        for c in cs:
+            ax.plot(c[x_key], c["val_loss"], color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(*_mean_curve(cs, x_key), "o-", color=color, markersize=3, label=label)
+    _zoom(ax, curves)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_dense_vs_moe(curves: dict[str, list[dict]], finals: dict[str, list[float]], notes: dict[str, str],
+                      budget: str = "") -> Figure:
+    """Left: validation loss vs training tokens (thin: each seed, bold: mean). Right: final loss per
+    model, each seed a dot and the mean +- std, labelled with its active / total parameters."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    _plot_curves(ax1, curves, "tokens")
+    ax1.set_xlabel("training tokens (bytes)")
+    ax1.set_ylabel("validation cross entropy (nats per byte)")
+    ax1.set_title("Validation loss vs tokens", fontsize=10)
+    labels = list(finals)
+    for i, label in enumerate(labels):
+        vs = finals[label]
+        mean = sum(vs) / len(vs)
+        std = (sum((v - mean) ** 2 for v in vs) / max(len(vs) - 1, 1)) ** 0.5
+        y = len(labels) - 1 - i
+        ax2.plot(vs, [y] * len(vs), "o", color=f"C{i}", alpha=0.4, markersize=4)
+        ax2.errorbar([mean], [y], xerr=[std], fmt="D", color=f"C{i}", capsize=4, markersize=6)
+        ax2.annotate(f"{mean:.3f}", (mean, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    ax2.set_yticks(range(len(labels) - 1, -1, -1), [f"{lab}\n{notes.get(lab, '')}" for lab in labels], fontsize=8)
+    ax2.set_ylim(-0.6, len(labels) - 0.4)
+    ax2.set_xlabel("final validation loss (nats per byte)")
+    ax2.set_title("Final loss: seeds and mean ± std", fontsize=10)
+    ax2.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Toy MoE vs dense at equal active and equal total parameters\n{budget}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_vs_seconds(curves: dict[str, list[dict]], budget: str = "", baseline: float | None = None) -> Figure:
+    """Validation loss vs seconds of training steps (evals excluded), same process and thread."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _plot_curves(ax, curves, "elapsed_s")
+    ax.set_xlabel("seconds of training steps (1 CPU thread, shared machine)")
+    ax.set_ylabel("validation cross entropy (nats per byte)")
+    ax.set_title(f"Validation loss vs wall-clock time\n{budget}", fontsize=10)
+    return fig
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[float]], fmt: str) -> None:
+    """Side-by-side bars on a linear axis, each value written on top with fmt."""
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, values, width, label=name, color=f"C{i}")
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=7, padding=1)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.legend(fontsize=7)
+
+
+def _mode_label(mode: dict) -> str:
+    n = mode["model"].rsplit("_", 1)[1]
+    return f"n_mtp={n}\n{mode['draft_len']} draft{'s' if mode['draft_len'] > 1 else ''}"
+
+
+def plot_mtp(res: dict) -> Figure:
+    """experiments/mtp.py: main-head loss per n_mtp; acceptance per draft position (greedy, sampled)
+    against DeepSeek's 85-90%; tokens per verify forward and speed-up, measured vs bound, vs 1.8x."""
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [2, 3, 3]})
+    keys = list(res["val_loss"])
+    for i, k in enumerate(keys):
+        vs = [r["val_loss"] for r in res["per_seed"][k]]
+        s = res["val_loss_spread"][k]
+        ax1.plot([i] * len(vs), vs, "o", color="C0", alpha=0.4, markersize=4)
+        ax1.errorbar([i], [s["mean"]], yerr=[s["std"]], fmt="D", color="C0", capsize=4)
+        ax1.annotate(f"{s['mean']:.3f}", (i, s["mean"]), textcoords="offset points", xytext=(10, -3), fontsize=8)
+    ax1.set_xticks(range(len(keys)), [k.replace("n_mtp_", "n_mtp=") for k in keys])
+    ax1.set_xlim(-0.5, len(keys) - 0.5)
+    ax1.set_ylabel("main-head validation CE (nats per byte)")
+    ax1.set_title("Does MTP training help the main head?", fontsize=10)
+    ax1.grid(alpha=0.3, axis="y")
+
+    modes = list(res["modes"].values())
+    cats, greedy, sampled = [], [], []
+    for m in modes:
+        for j, (g, s) in enumerate(zip(m["greedy"]["acceptance_by_depth"], m["sampled"]["acceptance_by_depth"])):
+            suffix = f"\ndraft {j + 1}" if m["draft_len"] > 1 else ""
+            cats.append(_mode_label(m) + suffix)
+            greedy.append(g)
+            sampled.append(s)
+    lo, hi = res["published"]["acceptance"]
+    ax2.axhspan(lo, hi, color="gray", alpha=0.25, label=f"DeepSeek-V3: {lo:.0%}-{hi:.0%}")
+    _bars(ax2, cats, {"greedy": greedy, "sampled (T=0.8, top-40)": sampled}, "{:.0%}")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("acceptance (given earlier drafts accepted)")
+    ax2.set_title("Drafts accepted by the main model", fontsize=10)
+    ax2.tick_params(axis="x", rotation=0, labelsize=8)
+
+    labels = [_mode_label(m) for m in modes]
+    g = [m["greedy"] for m in modes]
+    _bars(ax3, labels, {"1 + a (+ a1*a2): free drafts": [x["bound_tokens_per_verify"]["mean"] for x in g],
+                        "bound minus draft cost: (1 + a)/(1 + c)": [x["speedup_bound"]["mean"] for x in g],
+                        "measured speed-up (tokens/s)": [x["speedup"]["mean"] for x in g]}, "{:.2f}")
+    ax3.axhline(res["published"]["speedup"], color="black", linestyle="--", linewidth=1,
+                label=f"DeepSeek-V3: {res['published']['speedup']}x")
+    ax3.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    ax3.legend(fontsize=7, loc="upper left")
+    ax3.set_ylim(0, max(3.2, ax3.get_ylim()[1]))
+    ax3.set_ylabel("x plain greedy decoding")
+    ax3.set_title("Speculative decoding: bound vs measured (greedy)", fontsize=10)
+    ax3.tick_params(axis="x", rotation=0, labelsize=8)
+    meta = res["meta"]
+    fig.suptitle(f"Multi-token prediction on the toy model: {meta['tokens']:,} training tokens, "
+                 f"{len(meta['seeds'])} seeds; {meta['prompts']} held-out prompts of {meta['prompt_len']} + "
+                 f"{meta['new']} bytes", fontsize=11)
+    fig.tight_layout()
+    return fig
+

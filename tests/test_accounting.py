@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import moe.__main__ as cli
 from moe import accounting as acc
-from moe.config import PRESETS, ModelConfig
+from moe.config import PRESETS, ModelConfig, dense_baseline
 from moe.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,20 @@ def test_dense_equal_total_matches_size_and_is_all_active():
         p, d = acc.count_params(cfg), acc.count_params(dense)
         assert dense.n_moe_layers == 0 and d["active"] == d["total"]
         assert d["total"] == pytest.approx(p["total"], rel=1e-3)
+
+
+def test_dense_equal_active_matches_active_size_and_flops():
+    for name in ["toy", "deepseek-v3", "deepseek-v2", "mixtral-8x7b"]:
+        cfg = PRESETS[name]
+        dense = acc.dense_equal_active(cfg)
+        p, d = acc.count_params(cfg), acc.count_params(dense)
+        assert dense.n_moe_layers == 0 and d["active"] == d["total"]
+        # one unit of width is 3 * dim * n_layers parameters: rounding is all that may differ
+        assert abs(d["active"] - p["active"]) <= 1.5 * cfg.dim * cfg.n_layers
+        assert acc.forward_flops_per_token(dense)["total"] == pytest.approx(
+            acc.forward_flops_per_token(cfg)["total"], rel=1e-3)
+    toy = acc.count_params(PRESETS["toy"])
+    assert acc.count_params(dense_baseline(PRESETS["toy"]))["active"] < 0.96 * toy["active"]  # why it exists
 
 
 # ---------------------------------------------------------------- FLOPs
