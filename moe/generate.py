@@ -233,7 +233,7 @@ class StreamPrinter:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from moe.train import load_model
+    from moe.checkpoint import load_model
 
     model, ckpt = load_model(args.run, args.device)
     tok = ByteTokenizer()

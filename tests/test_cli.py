@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -106,8 +107,19 @@ def _bad_train_cases(tmp_path, files):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{dim: 3")
     out = str(tmp_path / "x")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"attn": "m\xe9a"}'.encode("latin-1"))
     base = ["train", "--out", out, "--config", files["cfg"], "--data", files["text"]]
     cases = [
+        (["train", "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+        (["train", "--out", str(a_file / "run")], f"cannot be created: {a_file} is a file"),
+        (["train", "--out", out, "--preset", "deepseek-v3"], "training it needs about"),
+        ([*base, "--data", "/dev/zero", "--max-data-mb", "1", "--seq-len", "16"], "data file is larger than 1 MiB"),
+        ([*base, "--max-data-mb", "0"], "argument --max-data-mb: expected a positive integer"),
+        (["train", "--out", out, "--config", str(latin1)], "latin1.json is not UTF-8"),
+        ([*base, "--set", "capacity_factor=inf"], "capacity_factor must be a finite number or None, got inf"),
         (["train", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
         (["train", "--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
         (["train", "--batch-size", "-3"], "argument --batch-size: expected a positive integer"),
@@ -200,3 +212,29 @@ def test_generate_and_info_on_missing_or_broken_runs(tmp_path, run_dir, capsys):
         assert code == 2 and "run folder not found" in stderr
         code, _, stderr = run([command, str(tmp_path)], capsys)
         assert code == 2 and "no checkpoint in" in stderr
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_clear_line(tmp_path, files, capsys, monkeypatch):
+    import errno
+
+    from moe import checkpoint
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_write_durable", full)
+    code, _, stderr = run(["train", "--config", files["cfg"], "--data", files["text"], "--steps", "2",
+                           "--out", str(tmp_path / "run"), *FAST], capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert "model.safetensors: cannot write checkpoint (No space left on device)" in stderr
+
+
+def test_an_unwritable_corpus_cache_falls_back_to_memory(tmp_path, monkeypatch, capsys):
+    from moe import data
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    monkeypatch.setenv("MOE_CACHE_DIR", str(a_file / "cache"))  # cannot be created: a file is in the way
+    corpus = data.load_embedded_corpus()
+    assert len(corpus.train) > 100_000 and corpus.domains == ("prose", "code")
+    assert "warning: cannot cache the corpus" in capsys.readouterr().err
