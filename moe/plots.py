@@ -111,7 +111,7 @@ def plot_flops_per_token(flops: dict[str, tuple[float, float]], context_note: st
 
 
 # ---------------------------------------------------------------------------- training figures
-# Inputs are the records of a run's metrics.jsonl (moe.train.read_metrics).
+# Inputs are the records of a run's metrics.jsonl (moe.checkpoint.read_metrics).
 
 
 def _ema(values: list[float], beta: float = 0.9) -> list[float]:

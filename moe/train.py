@@ -9,14 +9,10 @@ One optimizer step:
 The counts are reset after every step (and after every eval), so the bias only ever sees
 training tokens of the step it follows.
 
-A run folder OUT holds:
-  metrics.jsonl        one JSON object per optimizer step (val_* keys on eval steps)
-  LATEST               the name of the newest complete checkpoint folder
-  ckpt-00000500/       model.safetensors, config.json, train.json, state.pt, manifest.json
-  plots/               loss.png, expert_load.png (written at the end of a run)
-A checkpoint is written into a temporary folder, renamed into place, and only then named in
-LATEST (itself replaced atomically): a crash at any moment leaves the previous one loadable.
-Batches are a pure function of (seed, step), so resuming at step n continues bit for bit.
+Before anything in the run folder is touched, every input is checked: the folder is writable,
+the config and the data load, seq_len fits, the model fits in memory. The run folder's layout,
+the atomic checkpoints and the writer lock are in moe/checkpoint.py. Batches are a pure function
+of (seed, step), so resuming at step n continues bit for bit.
 """
 
 from __future__ import annotations
@@ -24,14 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,16 +34,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.accounting import count_params
+from moe.accounting import training_state_bytes
 from moe.balance import update_bias
+from moe.checkpoint import (
+    RunLock,
+    check_out_dir,
+    clear_run,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    read_metrics,
+    remove_stale_tmp,
+    save_checkpoint,
+    truncate_metrics,
+)
 from moe.cli import non_negative_float, non_negative_int, positive_float, positive_int
-from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides, with_umask
-from moe.data import Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
+from moe.config import PRESETS, ModelConfig, get_preset, parse_overrides
+from moe.data import DEFAULT_MAX_DATA_MB, Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
+from moe.device import autocast, available_bytes, resolve_device
 from moe.layer import reset_routing_stats, routing_stats
 from moe.model import Transformer
 
 LN2 = math.log(2.0)
-CHECKPOINT_FORMAT = 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,9 +87,10 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
     plots: bool = True  # write OUT/plots at the end
     overwrite: bool = False  # start afresh in an OUT that already holds a run
+    max_data_mb: int = DEFAULT_MAX_DATA_MB  # refuse --data files larger than this (an endless file never ends)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows", "max_data_mb"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -131,28 +137,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------ small pieces
-def resolve_device(name: str = "auto") -> torch.device:
-    """cuda if available, else cpu; an explicit request that cannot be met is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow on many CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
     if step < tc.warmup_steps:
@@ -197,207 +181,7 @@ def evaluate(model: Transformer, corpus: Corpus, seq_len: int, n_windows: int, b
     return out
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with shared tensors stored once (tied embeddings), plus alias -> owner.
-
-    safetensors refuses two names for one storage; the alias map restores them on load.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
-    return tensors, aliases
-
-
-def _checkpoint_name(step: int) -> str:
-    return f"ckpt-{step:08d}"
-
-
-def latest_checkpoint(out: str) -> str | None:
-    """The folder named in OUT/LATEST, or None when OUT holds no checkpoint."""
-    latest = os.path.join(out, "LATEST")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest, encoding="utf-8") as f:
-        return os.path.join(out, f.read().strip())
-
-
-def save_checkpoint(out: str, model: Transformer, optimizer: torch.optim.Optimizer, step: int,
-                    tc: TrainConfig, extra: dict[str, Any]) -> str:
-    """Write OUT/ckpt-<step> atomically, point LATEST at it, then delete the older ones."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out, exist_ok=True)
-    name = _checkpoint_name(step)
-    final = os.path.join(out, name)
-    if latest_checkpoint(out) == final and os.path.isdir(final):
-        return final  # this step is already saved (the state cannot have changed since)
-    if os.path.exists(final):
-        shutil.rmtree(final)  # a leftover of a crash between rename and LATEST: never referenced
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
-    os.chmod(tmp, with_umask(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
-        tensors, aliases = _unique_tensors(model)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": f"moe-{CHECKPOINT_FORMAT}", "aliases": json.dumps(aliases)})
-        atomic_write_text(os.path.join(tmp, "config.json"), model.cfg.to_json() + "\n")
-        atomic_write_text(os.path.join(tmp, "train.json"), json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                 **extra}
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        names = ("model.safetensors", "config.json", "train.json", "state.pt")
-        for f in names:
-            os.chmod(os.path.join(tmp, f), with_umask(0o666))
-        files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
-                 for f in names}
-        atomic_write_text(os.path.join(tmp, "manifest.json"),
-                          json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files}, indent=2) + "\n")
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(os.path.join(out, "LATEST"), name + "\n")
-    for entry in os.listdir(out):
-        if entry.startswith("ckpt-") and entry != name:
-            shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
-    return final
-
-
-@dataclass
-class Checkpoint:
-    path: str  # the ckpt-<step> folder
-    config: ModelConfig
-    step: int
-    tensors: dict[str, torch.Tensor]  # weights and persistent buffers (router bias), on CPU
-    aliases: dict[str, str]  # tied names -> the stored name
-    state: dict[str, Any]  # optimizer, rng, data position, elapsed time
-    train_config: dict[str, Any]
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A run folder (via its LATEST) or a ckpt-* folder itself -> the checkpoint folder."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"run folder not found: {path}")
-    if os.path.isfile(os.path.join(path, "manifest.json")):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {path} (no LATEST file): train one first with "
-                                f"python -m moe train --out {path}")
-    if not os.path.isdir(latest):
-        raise FileNotFoundError(f"{os.path.join(path, 'LATEST')} names {os.path.basename(latest)}, "
-                                "which is missing")
-    return latest
-
-
-def load_checkpoint(path: str, expect_config: ModelConfig | None = None) -> Checkpoint:
-    """Read and verify a checkpoint (sizes and sha256 of every file) before trusting any of it."""
-    from safetensors import safe_open
-
-    folder = resolve_checkpoint(path)
-    manifest_path = os.path.join(folder, "manifest.json")
-    if not os.path.isfile(manifest_path):
-        raise FileNotFoundError(f"checkpoint {folder} has no manifest.json")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise ValueError(f"checkpoint file {manifest_path} is corrupt (not a valid manifest)") from None
-    for fname, info in files.items():
-        fpath = os.path.join(folder, fname)
-        if not os.path.isfile(fpath):
-            raise FileNotFoundError(f"checkpoint file missing: {fpath}")
-        if os.path.getsize(fpath) != info["bytes"] or _sha256(fpath) != info["sha256"]:
-            raise ValueError(f"checkpoint file {fpath} is corrupt (size or sha256 differs from manifest.json)")
-    try:
-        config = ModelConfig.load(os.path.join(folder, "config.json"))
-    except ValueError as e:
-        raise ValueError(f"checkpoint config {os.path.join(folder, 'config.json')} is invalid: {e}") from None
-    if expect_config is not None and expect_config != config:
-        raise ValueError(f"checkpoint {folder} was trained with a different model config: "
-                         f"{config_diff(config, expect_config)}")
-    weights = os.path.join(folder, "model.safetensors")
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        aliases = json.loads(meta.get("aliases", "{}"))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"checkpoint file {weights} is corrupt: {e}") from None
-    try:
-        state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
-        with open(os.path.join(folder, "train.json"), encoding="utf-8") as f:
-            train_config = json.load(f)
-    except Exception as e:
-        raise ValueError(f"checkpoint state in {folder} is corrupt: {e}") from None
-    return Checkpoint(folder, config, int(state["step"]), tensors, aliases, state, train_config)
-
-
-def config_diff(found: ModelConfig, expected: ModelConfig) -> str:
-    a, b = found.to_dict(), expected.to_dict()
-    return "; ".join(f"{k}: checkpoint {a[k]!r}, requested {b[k]!r}" for k in a if a[k] != b[k])
-
-
-def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
-    """Copy checkpoint tensors into the model, naming any missing, extra or misshapen tensor."""
-    tensors = dict(ckpt.tensors)
-    for alias, owner in ckpt.aliases.items():
-        if owner in tensors:
-            tensors[alias] = tensors[owner]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
-              for k in own if k in tensors and tensors[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = [f"missing tensors {missing}"] * bool(missing) + [f"unexpected tensors {extra}"] * bool(extra)
-        parts += [f"shape mismatch {s}" for s in shapes]
-        raise ValueError(f"checkpoint {ckpt.path} does not match the model config: " + "; ".join(parts))
-    model.load_state_dict(tensors, strict=True)
-
-
-def load_model(path: str, device: str | torch.device = "cpu") -> tuple[Transformer, Checkpoint]:
-    """A trained model from a run folder (or a ckpt-* folder), in eval mode, on device."""
-    ckpt = load_checkpoint(path)
-    model = Transformer(ckpt.config)
-    load_weights(model, ckpt)
-    device = resolve_device(device) if isinstance(device, str) else device
-    return model.to(device).eval(), ckpt
-
-
 # ------------------------------------------------------------------------------ metrics
-def read_metrics(out: str) -> list[dict[str, Any]]:
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
-                    records.append(json.loads(line))
-    return records
-
-
 def _clean(v: Any) -> Any:
     """Floats rounded for a readable log; NaN/inf as strings (JSON has no literal for them)."""
     if isinstance(v, float):
@@ -429,6 +213,34 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+class Progress:
+    """A tqdm bar on a terminal or in a notebook; in a log file or a pipe, where a bar's
+    carriage-return frames would pile up, a plain line every `every` steps instead."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, every: int | None = None):
+        from tqdm.auto import tqdm
+
+        interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and interactive), unit="step",
+                        dynamic_ncols=True, desc=desc)
+        self.lines = enabled and not interactive
+        self.total, self.desc = total, desc
+        self.every = every or max(1, total // 20)
+
+    def step(self, step: int, postfix: dict[str, str]) -> None:
+        if self.lines and (step % self.every == 0 or step == self.total):
+            print(f"{self.desc}: step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()),
+                  file=sys.stderr, flush=True)
+        self.bar.update(1)
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # ------------------------------------------------------------------------------ the loop
 def train(tc: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = False) -> TrainResult:
     """Train (or, with resume=True, continue the run in tc.out) and return the final state.
@@ -445,28 +257,65 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = 
         torch.set_num_threads(threads)
 
 
-def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> TrainResult:
-    from tqdm.auto import tqdm
+def check_memory(cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose fp32 weights, gradients and AdamW moments cannot fit, before allocating it."""
+    from moe.accounting import human
 
+    need = training_state_bytes(cfg, "fp32-adamw")["total"]
+    have = available_bytes(device)
+    if have is None or need <= have:
+        return
+    n = need / training_state_bytes(cfg, "fp32-adamw")["bytes_per_param"]
+    raise ValueError(
+        f"this model has {human(n)} parameters (MTP included): training it needs about {need / 1e9:,.1f} GB "
+        f"for fp32 weights, gradients and AdamW moments alone, but {device} has {have / 1e9:,.1f} GB available, "
+        f"enough for about {human(have / 16)} parameters. To count a large model without allocating it, use "
+        "python -m moe calc --preset NAME (or build it under torch.device('meta'))")
+
+
+def _prepare(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool):
+    """Every check that can fail on bad input, before the run folder is touched."""
     device = resolve_device(tc.device)
-    out = tc.out
+    check_out_dir(tc.out)
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(out, expect_config=model_cfg)
+        ckpt = load_checkpoint(tc.out, expect_config=model_cfg)
         model_cfg = ckpt.config
     else:
         model_cfg = model_cfg or PRESETS["toy"]
-        existing = latest_checkpoint(out) if os.path.isdir(out) else None
+        existing = latest_checkpoint(tc.out) if os.path.isdir(tc.out) else None
         if existing is not None and not tc.overwrite:
-            raise ValueError(f"{out} already holds a run ({os.path.basename(existing)}); continue it with "
-                             f"--resume {out}, start over with --overwrite, or pick another --out")
-        if tc.overwrite and os.path.isdir(out):
-            _clear_run(out)
+            raise ValueError(f"{tc.out} already holds a run ({os.path.basename(existing)}); continue it with "
+                             f"--resume {tc.out}, start over with --overwrite, or pick another --out")
     if tc.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={tc.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
-    corpus = load_corpus(tc.data, tc.seq_len)
-    unigram = unigram_loss(corpus)
+    start_step = ckpt.step if ckpt is not None else 0
+    end_step = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
+    if end_step <= start_step:
+        raise ValueError(f"{tc.out} is already at step {start_step}: pass --steps larger than {start_step} "
+                         "to train further")
+    check_memory(model_cfg, device)
+    corpus = load_corpus(tc.data, tc.seq_len, max_bytes=tc.max_data_mb * 2**20)
+    return device, model_cfg, ckpt, corpus
 
+
+def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> TrainResult:
+    with contextlib.ExitStack() as stack:
+        if os.path.isdir(tc.out):  # lock before reading: another writer may be mid-save
+            stack.enter_context(RunLock(tc.out))
+        device, model_cfg, ckpt, corpus = _prepare(tc, model_cfg, resume)
+        if not os.path.isdir(tc.out):
+            os.makedirs(tc.out)
+            stack.enter_context(RunLock(tc.out))
+        remove_stale_tmp(tc.out)
+        if tc.overwrite and not resume:
+            clear_run(tc.out)
+        return _loop(tc, model_cfg, ckpt, corpus, device)
+
+
+def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device: torch.device) -> TrainResult:
+    out = tc.out
+    unigram = unigram_loss(corpus)
     torch.manual_seed(tc.seed)
     model = Transformer(model_cfg)
     start_step, elapsed, tokens_seen = 0, 0.0, 0
@@ -484,13 +333,9 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
         tokens_seen = int(ckpt.state.get("tokens", 0))
         if ckpt.state.get("data", {}).get("fingerprint") != corpus.fingerprint():
             print(f"warning: resuming {out} on different training data than it started with", file=sys.stderr)
-    os.makedirs(out, exist_ok=True)
-    _truncate_metrics(out, start_step)
+    truncate_metrics(out, start_step)
 
     end_step = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
-    if end_step <= start_step:
-        raise ValueError(f"{out} is already at step {start_step}: pass --steps larger than {start_step} "
-                         "to train further")
     save_every = tc.eval_interval if tc.save_interval is None else tc.save_interval
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
@@ -503,10 +348,9 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
     def checkpoint() -> str:
         extra = {"elapsed_s": elapsed, "tokens": tokens_seen,
                  "data": {"fingerprint": corpus.fingerprint(), "seed": tc.seed, "next_step": step}}
-        return save_checkpoint(out, model, optimizer, step, tc, extra)
+        return save_checkpoint(out, model, optimizer, step, dataclasses.asdict(tc), extra)
 
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not tc.progress, unit="step", dynamic_ncols=True,
-               desc=f"train {os.path.basename(os.path.normpath(out))}")
+    bar = Progress(tc.steps, start_step, tc.progress, f"train {os.path.basename(os.path.normpath(out))}")
     metrics_file = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
     try:
         with _StopFlag() as stop:
@@ -556,11 +400,10 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
                 metrics_file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
                 metrics_file.flush()
                 last = record
-                bar.update(1)
                 postfix = {"loss": f"{terms['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                 if val_loss is not None:
                     postfix["val"] = f"{val_loss:.3f}"
-                bar.set_postfix(postfix, refresh=False)
+                bar.step(step, postfix)
                 if is_last or (save_every and step % save_every == 0):
                     last_ckpt = checkpoint()
                 if stop.requested:
@@ -591,24 +434,6 @@ def _eval_line(record: dict[str, Any], unigram: float) -> str:
         parts.append("(" + ", ".join(per) + ")")
     parts.append(f"| unigram baseline {unigram:.3f} ({unigram / LN2:.2f} bits)")
     return " ".join(parts)
-
-
-def _truncate_metrics(out: str, step: int) -> None:
-    """Drop records past the checkpoint we resume from (logged after its last save)."""
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    kept = [r for r in read_metrics(out) if isinstance(r.get("step"), int) and r["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _clear_run(out: str) -> None:
-    for entry in os.listdir(out):
-        p = os.path.join(out, entry)
-        if entry.startswith(("ckpt-", ".tmp-ckpt-")) and os.path.isdir(p):
-            shutil.rmtree(p)
-        elif entry in ("LATEST", "metrics.jsonl"):
-            os.unlink(p)
 
 
 def moe_layer_names(cfg: ModelConfig) -> list[str]:
@@ -646,7 +471,7 @@ _TRAIN_FLAGS = {"steps": "steps", "stop_at": "stop_at", "batch_size": "batch_siz
                 "grad_accum": "grad_accum", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup_steps",
                 "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
                 "eval_windows": "eval_windows", "save_interval": "save_interval", "seed": "seed",
-                "device": "device", "threads": "threads", "data": "data"}
+                "device": "device", "threads": "threads", "data": "data", "max_data_mb": "max_data_mb"}
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig | None:
@@ -707,46 +532,6 @@ def summary_text(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
-def run_info(args: argparse.Namespace) -> int:
-    info = run_info_dict(args.run)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"run: {args.run}")
-    print(f"checkpoint: {info['checkpoint']} (step {info['step']})")
-    p = info["params"]
-    line = f"parameters: total {_human(p['total'])}, active per token {_human(p['active'])}"
-    if p.get("mtp"):
-        line += f", MTP modules {_human(p['mtp'])}"
-    print(line)
-    print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
-    if info["last_metrics"]:
-        m = info["last_metrics"]
-        keys = [k for k in ("step", "loss", "ce", "mtp", "val_loss", "tokens", "elapsed_s") if k in m]
-        print("last metrics: " + ", ".join(f"{k}={m[k]}" for k in keys))
-    if info.get("last_val"):
-        lv = info["last_val"]
-        print("last eval: " + ", ".join(f"{k}={v}" for k, v in lv.items()))
-    return 0
-
-
-def run_info_dict(run: str) -> dict[str, Any]:
-    ckpt = load_checkpoint(run)
-    records = read_metrics(run if not os.path.isfile(os.path.join(run, "manifest.json")) else os.path.dirname(run))
-    evals = [r for r in records if "val_loss" in r]
-    last_val = ({k: v for k, v in evals[-1].items() if k == "step" or k.startswith("val_loss")} if evals else {})
-    return {"checkpoint": ckpt.path, "step": ckpt.step, "config": ckpt.config.to_dict(),
-            "params": count_params(ckpt.config), "train_config": ckpt.train_config,
-            "last_metrics": records[-1] if records else {}, "last_val": last_val}
-
-
-def _human(n: float) -> str:
-    for div, sfx in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.2f}{sfx}"
-    return str(int(n))
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()  # defaults shown in --help come from the dataclass
     p = subparsers.add_parser(
@@ -795,14 +580,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: one per core). Small models on a busy machine "
                         "often run faster with 1")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--max-data-mb", type=positive_int, default=None,
+                   help=f"refuse a --data file larger than this many MiB (default: {d.max_data_mb})")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (on a terminal a tqdm bar; in a log or pipe a line every 5%% of the steps)")
     p.add_argument("--no-plots", action="store_true", help="do not write OUT/plots at the end")
     p.set_defaults(func=run_train)
 
-    q = subparsers.add_parser(
-        "info", help="show a run's config, parameter counts and last metrics",
-        description="Print the model config, total/active parameters, checkpoint step and last metrics of "
-                    "a run folder. Example: python -m moe info runs/demo")
-    q.add_argument("run", metavar="OUT", help="run folder written by train (or one of its ckpt-* folders)")
-    q.add_argument("--json", action="store_true", help="print everything as JSON")
-    q.set_defaults(func=run_info)
