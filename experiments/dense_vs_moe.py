@@ -45,9 +45,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from moe import accounting as acc  # noqa: E402
 from moe import plots  # noqa: E402
+from moe.checkpoint import read_metrics  # noqa: E402
 from moe.config import ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
 from moe.data import load_corpus  # noqa: E402
-from moe.train import TrainConfig, read_metrics, train  # noqa: E402
+from moe.train import TrainConfig, train  # noqa: E402
 
 LN2 = math.log(2.0)
 MODELS = ("moe", "dense_active", "dense_total", "moe_fine")

@@ -43,11 +43,12 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from moe import plots  # noqa: E402
+from moe.checkpoint import read_metrics  # noqa: E402
 from moe.config import ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
 from moe.data import Corpus, eval_starts, load_corpus, windows  # noqa: E402
 from moe.generate import generate, speculative_generate  # noqa: E402
 from moe.model import Transformer  # noqa: E402
-from moe.train import TrainConfig, read_metrics, train  # noqa: E402
+from moe.train import TrainConfig, train  # noqa: E402
 
 LN2 = math.log(2.0)
 PUBLISHED = {"acceptance": [0.85, 0.90], "speedup": 1.8,
