@@ -210,7 +210,8 @@ def summarize(per_seed: dict[str, list[dict]], meta: dict[str, Any]) -> dict[str
     return res
 
 
-def format_table(res: dict[str, Any]) -> str:
+def format_loss_table(res: dict[str, Any]) -> str:
+    """Markdown: main-head loss and draft accuracy per n_mtp (mean over seeds)."""
     n = next(iter(res["val_loss_spread"].values()))["n_seeds"]
     lines = [f"| model | main-head val loss, nats/byte (mean ± std, {n} seeds) | bits/byte | main top-1 | "
              "draft accuracy by depth |", "|---|---:|---:|---:|---|"]
@@ -219,15 +220,25 @@ def format_table(res: dict[str, Any]) -> str:
         acc = ", ".join(f"{a:.1%}" for a in res["draft_accuracy"].get(k, [])) or "-"
         lines.append(f"| {k.replace('_', ' ').replace('n mtp', 'n_mtp =')} | {v:.3f} ± {s['std']:.3f} | "
                      f"{res['val_bits_per_byte'][k]:.3f} | {res['main_accuracy'][k]:.1%} | {acc} |")
-    lines += ["", "| decoding | greedy acceptance (by depth) | sampled acceptance | tokens/verify: measured "
-              "(bound 1+a...) | draft cost c | speed-up: measured (bound) | same tokens as plain |",
-              "|---|---|---|---|---:|---|---|"]
+    return "\n".join(lines)
+
+
+def format_decode_table(res: dict[str, Any]) -> str:
+    """Markdown: speculative decoding per (model, drafts): acceptance, tokens per verify, speed-up, bounds."""
+    lines = ["| decoding | greedy acceptance (by depth) | sampled acceptance | tokens/verify: measured "
+             "(bound 1+a...) | draft cost c | speed-up: measured (bound) | same tokens as plain |",
+             "|---|---|---|---|---:|---|---|"]
+    def acceptance(kind: dict) -> str:
+        by_depth = kind["acceptance_by_depth"]
+        text = f"{kind['acceptance']['mean']:.1%}"
+        return text + (f" ({', '.join(f'{a:.0%}' for a in by_depth)})" if len(by_depth) > 1 else "")
+
     for m in res["modes"].values():
         g, s = m["greedy"], m["sampled"]
+        drafts = f"{m['draft_len']} draft{'s' if m['draft_len'] > 1 else ''}"
         lines.append(
-            f"| {m['model'].replace('_', ' ').replace('n mtp', 'n_mtp =')}, {m['draft_len']} draft(s) | "
-            f"{g['acceptance']['mean']:.1%} ({', '.join(f'{a:.0%}' for a in g['acceptance_by_depth'])}) | "
-            f"{s['acceptance']['mean']:.1%} ({', '.join(f'{a:.0%}' for a in s['acceptance_by_depth'])}) | "
+            f"| {m['model'].replace('_', ' ').replace('n mtp', 'n_mtp =')}, {drafts} | "
+            f"{acceptance(g)} | {acceptance(s)} | "
             f"{g['tokens_per_verify']['mean']:.2f} ({g['bound_tokens_per_verify']['mean']:.2f}) | "
             f"{g['draft_cost']['mean']:.2f} | {g['speedup']['mean']:.2f}x ± {g['speedup']['std']:.2f} "
             f"({g['speedup_bound']['mean']:.2f}x) | {g['same_tokens_as_plain']} |")
@@ -235,6 +246,10 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(f"| DeepSeek-V3 (published) | {p['acceptance'][0]:.0%}-{p['acceptance'][1]:.0%} | | | | "
                  f"{p['speedup']}x | |")
     return "\n".join(lines)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    return format_loss_table(res) + "\n\n" + format_decode_table(res)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
