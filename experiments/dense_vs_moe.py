@@ -47,7 +47,7 @@ from moe import accounting as acc  # noqa: E402
 from moe import plots  # noqa: E402
 from moe.checkpoint import read_metrics  # noqa: E402
 from moe.config import ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
-from moe.data import load_corpus  # noqa: E402
+from moe.data import get_batch, load_corpus  # noqa: E402
 from moe.train import TrainConfig, train  # noqa: E402
 
 LN2 = math.log(2.0)
@@ -101,19 +101,49 @@ def run_one(cfg: ModelConfig, seed: int, args: argparse.Namespace, work: str) ->
     return run
 
 
+def interleaved_step_seconds(cfgs: dict[str, ModelConfig], args: argparse.Namespace, rounds: int,
+                             steps: int) -> dict[str, float]:
+    """Median seconds per training step of each model, the models taking turns step by step.
+
+    The runs' own elapsed_s were measured minutes apart; on a shared machine the load changes
+    in between, so the time axis of the comparison comes from this interleaved measurement.
+    """
+    from benchmarks.train_step import Trainer  # one step as moe.train takes it (no data, eval, saving)
+
+    corpus = load_corpus(args.data, args.seq_len)
+    batches = [get_batch(corpus.train, args.batch_size, args.seq_len, 0, i) for i in range(steps)]
+    device = torch.device(args.device)
+    trainers = {name: Trainer(cfg, device, compile=False) for name, cfg in cfgs.items()}
+    for t in trainers.values():  # warm-up
+        t.step(*(b.to(device) for b in batches[0]))
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    for _ in range(rounds):
+        for name, t in trainers.items():
+            for x_BS, y_BS in batches:
+                x_BS, y_BS = x_BS.to(device), y_BS.to(device)
+                t0 = time.perf_counter()
+                t.step(x_BS, y_BS)  # ends with a host sync (the loss as a float)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
             "n_seeds": len(values)}
 
 
 def summarize(base: ModelConfig, cfgs: dict[str, ModelConfig], runs: dict[str, list[dict]],
-              args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+              step_s: dict[str, float], args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     models = {}
+    tokens_per_step = args.batch_size * args.seq_len
     for name, cfg in cfgs.items():
         p = acc.count_params(cfg)
         fwd = acc.forward_flops_per_token(cfg, context=(args.seq_len + 1) / 2)["total"]
+        for r in runs[name]:  # the time axis at the interleaved step rate
+            r["curve"]["seconds"] = [tok / tokens_per_step * step_s[name] for tok in r["curve"]["tokens"]]
         models[name] = {"label": LABELS[name], "total_params": p["total"], "active_params": p["active"],
                         "forward_flops_per_token": fwd, "train_flops": 3 * fwd * runs[name][0]["tokens"],
+                        "step_seconds": step_s[name], "tokens_per_s": tokens_per_step / step_s[name],
                         "config_changes": {k: v for k, v in cfg.to_dict().items() if base.to_dict()[k] != v},
                         "runs": runs[name]}
     finals = {n: [r["val_loss"] for r in runs[n]] for n in cfgs}
@@ -123,7 +153,9 @@ def summarize(base: ModelConfig, cfgs: dict[str, ModelConfig], runs: dict[str, l
         "val_loss": {n: statistics.fmean(v) for n, v in finals.items()},
         "val_loss_spread": {n: spread(v) for n, v in finals.items()},
         "val_bits_per_byte": {n: statistics.fmean(v) / LN2 for n, v in finals.items()},
-        "tokens_per_s": {n: statistics.median(r["tokens_per_s"] for r in runs[n]) for n in cfgs},  # median: load spikes
+        "tokens_per_s": {n: models[n]["tokens_per_s"] for n in cfgs},  # interleaved step timing
+        "tokens_per_s_vs_moe": {n: models[n]["tokens_per_s"] / models["moe"]["tokens_per_s"] for n in cfgs}
+        if "moe" in cfgs else {},
         "published_small_scale": PUBLISHED,
     }
     if "moe" in cfgs:  # paired by seed: same batches, same validation windows
@@ -146,7 +178,7 @@ def format_table(res: dict[str, Any]) -> str:
     """A markdown table: one row per model (mean +- std over seeds)."""
     n = next(iter(res["val_loss_spread"].values()))["n_seeds"]
     lines = [f"| model | total params | active params | forward FLOPs/token | val loss, nats/byte (mean ± std, "
-             f"{n} seeds) | bits/byte | train tokens/s (median) |",
+             f"{n} seeds) | bits/byte | train tokens/s (interleaved) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in res["models"].items():
         s = res["val_loss_spread"][name]
@@ -176,8 +208,8 @@ def draw(res: dict[str, Any], out: str) -> list[str]:
     unigram = res["models"][next(iter(res["models"]))]["runs"][0]["unigram_loss"]
     return [plots.save(plots.plot_dense_vs_moe(curves, finals, notes, budget), os.path.join(out, "dense_vs_moe.png"),
                        dpi=100),
-            plots.save(plots.plot_loss_vs_seconds(curves, budget, unigram), os.path.join(out, "dense_vs_moe_time.png"),
-                       dpi=100)]
+            plots.save(plots.plot_loss_vs_seconds(curves, budget, unigram, meta["threads"]),
+                       os.path.join(out, "dense_vs_moe_time.png"), dpi=100)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -243,8 +275,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix({name: f"{runs[name][-1]['val_loss']:.3f}"})
     bar.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # as during training (train() restores the count after each run)
+    try:
+        step_s = interleaved_step_seconds(cfgs, args, rounds=2 if args.quick else 10, steps=1 if args.quick else 3)
+    finally:
+        torch.set_num_threads(threads)
     meta["loadavg_end"] = os.getloadavg()
-    res = summarize(base, cfgs, runs, args, meta)
+    res = summarize(base, cfgs, runs, step_s, args, meta)
     files = draw(res, args.out)
     table = format_table(res)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(res, indent=2) + "\n")

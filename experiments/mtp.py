@@ -108,7 +108,8 @@ def expected_tokens_per_verify(acceptance_by_depth: list[float]) -> float:
 @torch.no_grad()
 def decode_measurements(model: Transformer, prompts: list[list[int]], new: int, draft_lens: list[int],
                         rounds: int, seed: int) -> dict[str, Any]:
-    """Greedy: plain vs speculative tokens/s (interleaved rounds, median), acceptance, the bound.
+    """Greedy: plain vs speculative tokens/s (modes alternate prompt by prompt; median of rounds),
+    acceptance, the bound.
     Sampled: acceptance and tokens per forward with the demo's sampling settings."""
     model.eval()
     modes = [0, *draft_lens]  # 0 = plain decoding
@@ -120,21 +121,23 @@ def decode_measurements(model: Transformer, prompts: list[list[int]], new: int, 
 
     for mode in modes:  # warm-up
         run(mode, prompts[0][:8])
-    times = {m: [] for m in modes}
+    times = {m: [] for m in modes}  # [round]: seconds for all prompts
     outputs: dict[int, list[list[int]]] = {}
     stats: dict[int, list] = {m: [] for m in draft_lens}
     for _ in range(rounds):
-        for mode in modes:
-            t, outs = 0.0, []
-            for prompt in prompts:
+        t = dict.fromkeys(modes, 0.0)
+        outs: dict[int, list[list[int]]] = {m: [] for m in modes}
+        for prompt in prompts:  # modes alternate prompt by prompt: a change in load hits them alike
+            for mode in modes:
                 t0 = time.perf_counter()
                 tokens, st = run(mode, prompt)
-                t += time.perf_counter() - t0
-                outs.append(tokens)
+                t[mode] += time.perf_counter() - t0
+                outs[mode].append(tokens)
                 if st is not None:
                     stats[mode].append(st)
-            times[mode].append(t)
-            outputs[mode] = outs
+        for mode in modes:
+            times[mode].append(t[mode])
+        outputs = outs
     n_tokens = sum(len(o) for o in outputs[0])
     plain_s_per_token = statistics.median(times[0]) / n_tokens
     out: dict[str, Any] = {"plain_tokens_per_s": 1 / plain_s_per_token, "rounds": rounds, "prompts": len(prompts),

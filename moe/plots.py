@@ -247,11 +247,15 @@ def plot_dense_vs_moe(curves: dict[str, list[dict]], finals: dict[str, list[floa
     return fig
 
 
-def plot_loss_vs_seconds(curves: dict[str, list[dict]], budget: str = "", baseline: float | None = None) -> Figure:
-    """Validation loss vs seconds of training steps (evals excluded), same process and thread."""
+def plot_loss_vs_seconds(curves: dict[str, list[dict]], budget: str = "", baseline: float | None = None,
+                         threads: int = 1) -> Figure:
+    """Validation loss vs seconds of training steps: each curve's "seconds" (tokens at the step rate
+    measured with the models taking turns; evals excluded)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    _plot_curves(ax, curves, "elapsed_s")
-    ax.set_xlabel("seconds of training steps (1 CPU thread, shared machine)")
+    _plot_curves(ax, curves, "seconds")
+    if baseline is not None and baseline < ax.get_ylim()[1]:
+        ax.axhline(baseline, color="gray", linestyle=":", label=f"unigram baseline ({baseline:.2f})")
+    ax.set_xlabel(f"seconds of training steps (interleaved step timing, {threads} CPU thread)")
     ax.set_ylabel("validation cross entropy (nats per byte)")
     ax.set_title(f"Validation loss vs wall-clock time\n{budget}", fontsize=10)
     return fig
