@@ -65,6 +65,11 @@ class ModelConfig:
     n_mtp: int = 0  # extra future tokens predicted by MTP modules (DeepSeek-V3: 1; 0 = off)
     mtp_loss_weight: float = 0.3  # lambda: weight of the mean MTP loss
 
+    # --- low precision ---
+    # simulated FP8 GEMMs (moe/fp8.py): "none", "blockwise" (DeepSeek-V3: 1x128 activation tiles,
+    # 128x128 weight blocks), "rowwise", "tensorwise"; "bf16" rounds the GEMM inputs to bf16 the same way
+    fp8: str = "none"
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -99,6 +104,9 @@ class ModelConfig:
             raise ValueError(f"score_func must be one of 'softmax', 'sigmoid', got {self.score_func!r}")
         if self.expert_impl not in ("auto", "loop", "grouped"):
             raise ValueError(f"expert_impl must be one of 'auto', 'loop', 'grouped', got {self.expert_impl!r}")
+        if self.fp8 not in ("none", "blockwise", "rowwise", "tensorwise", "bf16"):  # moe.fp8.RECIPES
+            raise ValueError(f"fp8 must be one of 'none', 'blockwise', 'rowwise', 'tensorwise', 'bf16', "
+                             f"got {self.fp8!r}")
         if self.n_dense_layers > self.n_layers:
             raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be <= n_layers ({self.n_layers})")
 

@@ -62,6 +62,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+        if cfg.fp8 != "none":  # simulated FP8 GEMMs: same parameters and state-dict keys (moe/fp8.py)
+            from moe.fp8 import convert
+
+            convert(self, cfg.fp8)
 
     def init_weights(self) -> None:
         """The one init rule (moe.layer.init_weights): N(0, init_std), residual outputs scaled
