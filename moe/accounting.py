@@ -14,8 +14,9 @@ Conventions (DESIGN.md):
            The embedding row a token reads counts as active, though it costs no FLOPs.
   FLOPs  = 2*m*n*k per matmul, forward, per token; elementwise work (norms, SwiGLU gate,
            softmax, RoPE) is ignored. Training = 3x forward (backward ~ 2x forward).
-  memory = bytes of weights or training state only (no activations, no framework overhead);
-           GB = 1e9 bytes, and a "24 GB" consumer card is taken as 24e9 usable bytes.
+  memory = bytes of weights or training state (no framework overhead); GB = 1e9 bytes, and a
+           "24 GB" consumer card is taken as 24e9 usable bytes. Of the activations, only the
+           inputs of linear layers cached for backward are counted (linear_input_bytes_per_token).
 """
 
 from __future__ import annotations
@@ -289,6 +290,69 @@ def cards_needed(n_bytes: float, card_gb: float = CONSUMER_CARD_GB) -> int:
     return math.ceil(n_bytes / (card_gb * GB))
 
 
+# ---------------------------------------------------------------------------- activations
+# What FP8 training changes for activations (DeepSeek-V3 report, section 3.3.3, "Low-Precision
+# Activation"): the input of every FP8 linear layer, kept for its weight-gradient GEMM, is cached in
+# FP8 with one fp32 scale per 1x128 tile, except the input of the linear after attention (wo),
+# kept in DeepSeek's E5M6 (12 bits) with power-of-two scales, because attention's own backward
+# reads it too. Router and head run in high precision: their inputs stay bf16. Not modelled: the
+# SwiGLU inputs DeepSeek caches in FP8 (and recomputes the SwiGLU from), attention internals,
+# norms, and activation recomputation in general.
+ACTIVATION_STORAGES = ("bf16", "fp8")
+_CACHED_BYTES = {"bf16": {"fp8": 2.0, "e5m6": 2.0, "high": 2.0},  # bytes per number, by how it is kept
+                 "fp8": {"fp8": 1.0, "e5m6": 1.5, "high": 2.0}}
+
+
+def linear_inputs(cfg: ModelConfig, include_mtp: bool = True) -> list[tuple[str, int, str, int]]:
+    """(group, width, kind, copies per token) of each distinct linear-layer input, for all layers.
+
+    kind: "fp8" (an FP8 GEMM reads it), "e5m6" (attention output, the input of wo), "high"
+    (router, head). One tensor feeding several linears (x into wq and wkv_a) is counted once;
+    each of a token's K routed experts gets its own copy of the token (copies = K * layers).
+    """
+    D, K, I = cfg.dim, cfg.n_activated_experts, cfg.moe_inter_dim
+
+    def block(n: int, use_moe: bool) -> list[tuple[str, int, str, int]]:
+        if cfg.attn == "mla":
+            attn = [("attention", D, "fp8", n), ("attention", cfg.kv_lora_rank, "fp8", n),
+                    ("attention", cfg.n_heads * cfg.v_head_dim, "e5m6", n)]
+            if cfg.q_lora_rank:
+                attn.append(("attention", cfg.q_lora_rank, "fp8", n))
+        else:
+            attn = [("attention", D, "fp8", n), ("attention", cfg.n_heads * cfg.mha_head_dim, "e5m6", n)]
+        if not use_moe:
+            return attn + [("dense_ffn", D, "fp8", n), ("dense_ffn", cfg.inter_dim, "fp8", n)]
+        ffn = [("router", D, "high", n), ("routed_experts", D, "fp8", n * K), ("routed_experts", I, "fp8", n * K)]
+        if cfg.n_shared_experts:
+            ffn += [("shared_experts", D, "fp8", n), ("shared_experts", cfg.n_shared_experts * I, "fp8", n)]
+        return attn + ffn
+
+    out = block(cfg.n_dense_layers, False) + block(cfg.n_moe_layers, True) + [("head", D, "high", 1)]
+    if include_mtp and cfg.n_mtp:
+        mtp = [("mtp_proj", 2 * D, "fp8", cfg.n_mtp)] + block(cfg.n_mtp, cfg.n_moe_layers > 0)
+        out += [("mtp", w, kind, c) for _, w, kind, c in mtp] + [("mtp", D, "high", cfg.n_mtp)]  # its head
+    return [e for e in out if e[3] > 0]
+
+
+def linear_input_bytes_per_token(cfg: ModelConfig, storage: str = "fp8", include_mtp: bool = True) -> dict[str, float]:
+    """Bytes per token of the cached linear-layer inputs, by group and "total".
+
+    storage "bf16": every input in bf16 (2 bytes). "fp8": DeepSeek-V3's caching (above): 1 byte
+    (E4M3) or 1.5 bytes (E5M6) per number plus a 4-byte scale per started 128 numbers; bf16 for
+    router and head inputs.
+    """
+    if storage not in _CACHED_BYTES:
+        raise ValueError(f"unknown storage {storage!r}; allowed: {list(ACTIVATION_STORAGES)}")
+    out: dict[str, float] = {}
+    for group, width, kind, copies in linear_inputs(cfg, include_mtp):
+        b = width * _CACHED_BYTES[storage][kind]
+        if storage == "fp8" and kind != "high":
+            b += 4 * math.ceil(width / FP8_BLOCK)
+        out[group] = out.get(group, 0.0) + b * copies
+    out["total"] = sum(out.values())
+    return out
+
+
 # ---------------------------------------------------------------------------- KV cache
 def kv_cache_elems(cfg: ModelConfig, absorbed: bool = True) -> int:
     """Cached numbers per token per layer.
@@ -396,6 +460,10 @@ def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16"
         "cards_needed": {k: cards_needed(v, card_gb) for k, v in weights.items()},
         "training_state_gb": {r: {k: (v / GB if k != "bytes_per_param" else v)
                                   for k, v in training_state_bytes(cfg, r).items()} for r in RECIPES},
+        # inputs of linear layers cached for backward, per token (all layers, +MTP), and one sequence
+        "linear_inputs_cached": {st: {"bytes_per_token": b["total"], "gb_at_context": b["total"] * context / GB}
+                                 for st in ACTIVATION_STORAGES
+                                 for b in [linear_input_bytes_per_token(cfg, st)]},
         "kv_cache": {
             "dtype": kv_dtype,
             "elems_per_token_per_layer": kv_cache_elems(cfg),
@@ -451,6 +519,13 @@ def _rows(s: dict) -> list[tuple[str, str]]:
              for k, v in s["weight_gb"].items()]
     rows += [(f"train state {r} (+MTP)", f"{human(v['total'] * GB, 'B')} ({v['bytes_per_param']:g} B/param)")
              for r, v in s["training_state_gb"].items()]
+    act = s["linear_inputs_cached"]
+    rows += [("linear inputs cached/token (+MTP)",
+              f"bf16 {human(act['bf16']['bytes_per_token'], 'B')}, fp8 as DeepSeek "
+              f"{human(act['fp8']['bytes_per_token'], 'B')} "
+              f"(-{100 * (1 - act['fp8']['bytes_per_token'] / act['bf16']['bytes_per_token']):.0f}%)"),
+             ("  one sequence at context", f"bf16 {human(act['bf16']['gb_at_context'] * GB, 'B')}, "
+                                           f"fp8 {human(act['fp8']['gb_at_context'] * GB, 'B')}")]
     rows += [(f"KV cache/token ({kv['dtype']})",
               f"{human(kv['bytes_per_token'], 'B')} ({human(kv['bytes_per_token_per_layer'], 'B')}/layer)"),
              ("  naive, per-head K and V", human(kv["naive_bytes_per_token"], "B")),
