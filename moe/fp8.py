@@ -125,17 +125,25 @@ def _check_granularity(x: torch.Tensor, granularity: str, block: int) -> None:
         raise ValueError(f"granularity {granularity!r} needs a tensor of at least {need} dims, got {tuple(x.shape)}")
 
 
-def _grouped(x: torch.Tensor, granularity: str, block: int, batch: int = 0) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _grouped(x: torch.Tensor, granularity: str, block: int, batch: int = 0,
+             along: int = -1) -> tuple[torch.Tensor, tuple[int, ...]]:
     """x (zero-padded to whole blocks) viewed so that each scaling group spans `dims`.
 
     batch: leading dims that keep separate scales under "tensor" (a stack of expert weights).
+    along=-2: rows and tiles run down the columns instead, i.e. the groups of x^T, with no
+    transposed copy (wgrad scales dy and x along the tokens this way).
     """
-    x = x.contiguous()  # a transposed operand (wgrad) is copied once, not read with strides by every op
+    x = x.contiguous()
     if granularity == "tensor":
         return x, tuple(range(batch, x.dim()))
     if granularity == "row":
-        return x, (-1,)
+        return x, (along,)
     cols, rows = x.shape[-1], x.shape[-2] if x.dim() > 1 else 1
+    if granularity == "tile" and along == -2:
+        if rows <= block:  # one tile per column: the column itself
+            return x, (-2,)
+        x = F.pad(x, (0, 0, 0, -rows % block)) if rows % block else x
+        return x.view(*x.shape[:-2], x.shape[-2] // block, block, cols), (-2,)
     if granularity == "tile":
         if cols <= block:  # one tile per row: the row itself, no padding needed
             return x, (-1,)
@@ -148,10 +156,12 @@ def _grouped(x: torch.Tensor, granularity: str, block: int, batch: int = 0) -> t
     return x.view(*lead, Mp // block, block, Kp // block, block), (-3, -1)
 
 
-def _ungrouped(xg: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+def _ungrouped(xg: torch.Tensor, shape: torch.Size, granularity: str, along: int = -1) -> torch.Tensor:
     """Undo _grouped: back to the padded layout, then crop the padding."""
     if xg.shape == shape:  # tensor, row, and the single-tile / single-block cases
         return xg
+    if granularity == "tile" and along == -2:
+        return xg.flatten(-3, -2)[..., :shape[-2], :]
     if granularity == "tile":
         return xg.flatten(-2)[..., :shape[-1]]
     *lead, Mb, b, Kb, b2 = xg.shape
@@ -168,9 +178,9 @@ def _scale(amax: torch.Tensor, max_value: float, pow2_scale: bool) -> torch.Tens
 
 
 def _quantize_grouped(x: torch.Tensor, fmt: str, granularity: str, block: int, pow2_scale: bool,
-                      batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      batch: int = 0, along: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale) in the grouped view of _grouped, scale with keepdim (broadcasts against q)."""
-    xg, dims = _grouped(x.float(), granularity, block, batch)
+    xg, dims = _grouped(x.float(), granularity, block, batch, along)
     scale = _scale(xg.abs().amax(dim=dims, keepdim=True), FMAX[fmt], pow2_scale)
     # |x| / scale <= fmax by construction, so the cast never saturates or overflows, on any device
     return (xg / scale).to(DTYPES[fmt]), scale
@@ -239,10 +249,11 @@ def fake_quantize(x: torch.Tensor, fmt: str = "e4m3", granularity: str = "tensor
 
 
 def _fake_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int = BLOCK, pow2_scale: bool = False,
-                   batch: int = 0) -> torch.Tensor:
-    qg, scale = _quantize_grouped(x, fmt, granularity, block, pow2_scale, batch)
+                   batch: int = 0, along: int = -1) -> torch.Tensor:
+    """fake_quantize without the checks; along=-2 equals _fake_quantize(x^T, ...)^T, without copies."""
+    qg, scale = _quantize_grouped(x, fmt, granularity, block, pow2_scale, batch, along)
     h, factor = _as_float16(qg, fmt)
-    return _ungrouped(h * (scale * factor), x.shape, granularity)  # fp16 * fp32 -> fp32, exact
+    return _ungrouped(h * (scale * factor), x.shape, granularity, along)  # fp16 * fp32 -> fp32, exact
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -338,11 +349,11 @@ def make_recipe(name: str, fmt: str = "e4m3", grad_fmt: str = "e4m3") -> Recipe 
     return Recipe(name, fmt, grad_fmt)
 
 
-def _fq(t: torch.Tensor, fmt: str, granularity: str | None, batch: int = 0) -> torch.Tensor:
-    """A GEMM operand as the low-precision GEMM sees it, in fp32."""
+def _fq(t: torch.Tensor, fmt: str, granularity: str | None, batch: int = 0, along: int = -1) -> torch.Tensor:
+    """A GEMM operand as the low-precision GEMM sees it, in fp32 (along=-2: scaled down the columns)."""
     if granularity is None:  # bf16: round to nearest even, no scale (the same as round_to_format(t, 8, 7))
         return t.to(torch.bfloat16).float()
-    return _fake_quantize(t, fmt, granularity, batch=batch)
+    return _fake_quantize(t, fmt, granularity, batch=batch, along=along)
 
 
 def quantize_weight(w_NK: torch.Tensor, recipe: Recipe, dgrad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -357,7 +368,7 @@ def quantize_weight(w_NK: torch.Tensor, recipe: Recipe, dgrad: bool = True) -> t
             return w_fprop, None
         if g_fprop == g_dgrad and g_fprop != "row":
             return w_fprop, w_fprop
-        return w_fprop, _fq(w_NK.transpose(-1, -2), recipe.fmt, g_dgrad, batch).transpose(-1, -2)
+        return w_fprop, _fq(w_NK, recipe.fmt, g_dgrad, batch, along=-2)  # W^T's rows: W's columns
 
 
 class _QuantMM(torch.autograd.Function):
@@ -385,7 +396,7 @@ class _QuantMM(torch.autograd.Function):
             gx = _fq(g_TN, r.grad_fmt, gemms["dgrad"][0]) @ w_dgrad
         if ctx.needs_input_grad[1]:  # wgrad: K = tokens, dy^T and x^T both tiled along them
             a, b = gemms["wgrad"]
-            gw = _fq(g_TN.t(), r.grad_fmt, a) @ _fq(x_TK.t(), r.fmt, b).t()
+            gw = _fq(g_TN, r.grad_fmt, a, along=-2).t() @ _fq(x_TK, r.fmt, b, along=-2)
         return gx, gw, None
 
 
@@ -437,17 +448,18 @@ class _ExpertsQuantMM(torch.autograd.Function):
                         gx_nK.addmm_(g_nO, w_d[e])
         a, b = gemms["wgrad"]
         gws = []
-        xt_per_expert = None
+        xq_per_expert = None
         for i, g in enumerate(g_NO):
             if not ctx.needs_input_grad[3 + i]:
                 gws.append(None)
                 continue
-            if xt_per_expert is None:  # x^T of each expert, tiled along its tokens: shared by all weights
-                xt_per_expert = [_fq(x_nK.t(), r.fmt, b) if x_nK.shape[0] else None for x_nK in x_NK.split(sizes)]
+            if xq_per_expert is None:  # each expert's x, scaled along its own tokens: shared by all weights
+                xq_per_expert = [_fq(x_nK, r.fmt, b, along=-2) if x_nK.shape[0] else None
+                                 for x_nK in x_NK.split(sizes)]
             gw = x_NK.new_zeros(len(sizes), g.shape[1], x_NK.shape[1])
-            for e, (g_nO, xt_Kn) in enumerate(zip(g.split(sizes), xt_per_expert)):
-                if xt_Kn is not None:
-                    torch.mm(_fq(g_nO.t(), r.grad_fmt, a), xt_Kn.t(), out=gw[e])
+            for e, (g_nO, xq_nK) in enumerate(zip(g.split(sizes), xq_per_expert)):
+                if xq_nK is not None:
+                    torch.mm(_fq(g_nO, r.grad_fmt, a, along=-2).t(), xq_nK, out=gw[e])
             gws.append(gw)
         return gx_NK, None, None, *gws
 

@@ -185,3 +185,93 @@ def plot_expert_load(records: list[dict], layer_names: list[str] | None = None) 
         ax2.axis("off")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------- FP8 figures
+# Inputs come from experiments/fp8.py (moe.fp8 and moe.accounting do the arithmetic).
+
+
+def plot_fp8_granularity(magnitudes: list[float], sqnr_db: dict[str, list[float]]) -> Figure:
+    """SQNR (dB) of activations with outlier channels vs the outliers' size, one line per scaling.
+
+    sqnr_db: label -> one value per magnitude (measured on the non-outlier values).
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, values in sqnr_db.items():
+        ax.plot(magnitudes, values, "o-" if "e4m3" in label else "s--", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("outlier channels' magnitude / typical activation")
+    ax.set_ylabel("SQNR of the other values (dB, higher is better)")
+    ax.set_title("One scale per 1x128 tile keeps the values next to an outlier; one per tensor or row does not")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_fp8_accumulation(ks: list[int], errors: dict[str, list[float]],
+                          reference: tuple[float, float] | None = None) -> Figure:
+    """Relative error of a K-long dot product vs K, one line per accumulation; reference = (K, error)
+    a published point (DeepSeek: nearly 2% at K = 4096)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, values in errors.items():
+        ax.plot(ks, values, "o-", label=label)
+    if reference is not None:
+        ax.plot(*reference, "r*", markersize=14,
+                label=f"DeepSeek-V3 report: ~{reference[1]:.0%} at K = {reference[0]:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("K (products summed)")
+    ax.set_ylabel("relative error |sum - exact| / |exact|")
+    ax.set_title("A 14-bit running sum drifts as K grows; promoting to fp32 every 128 products stops it")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_fp8_training(curves: dict[str, list[list[tuple[int, float]]]], final: dict[str, list[float]],
+                      note: str = "") -> Figure:
+    """Left: validation loss per step, mean over seeds with the min-max band, per recipe.
+    Right: final validation loss per recipe, one dot per seed. curves: label -> per seed [(step, val)]."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for label, runs in curves.items():
+        steps = [s for s, _ in runs[0]]
+        per_step = list(zip(*[[v for _, v in run] for run in runs]))
+        mean = [sum(v) / len(v) for v in per_step]
+        line, = ax1.plot(steps, mean, "o-", markersize=3, label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        if len(runs) > 1:
+            ax1.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2,
+                             color=line.get_color())
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("validation cross entropy (nats per byte)")
+    ax1.set_title("Toy model, same data and seeds")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    labels = list(final)
+    for i, label in enumerate(labels):
+        ax2.plot([i] * len(final[label]), final[label], "o", alpha=0.7)
+        ax2.plot([i - 0.2, i + 0.2], [sum(final[label]) / len(final[label])] * 2, "k-")
+    ax2.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    ax2.set_ylabel("final validation loss (dots: seeds, bar: mean)")
+    ax2.set_title(note or "Final validation loss", fontsize=9)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def plot_fp8_memory(panels: dict[str, dict[str, float]], model: str = "DeepSeek-V3") -> Figure:
+    """The "75%" question: one panel per kind of memory (title -> {bar label: bytes}), savings written
+    against each panel's first bar."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.5))
+    for ax, (title, bars) in zip(axes, panels.items()):
+        first = next(iter(bars.values()))
+        colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"][:len(bars)]
+        rects = ax.bar(list(bars), list(bars.values()), color=colors)
+        ax.bar_label(rects, labels=[_short(v, "B") + ("" if v == first else f"\n-{1 - v / first:.1%}")
+                                    for v in bars.values()], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", rotation=15, labelsize=8)
+        ax.set_ylim(0, first * 1.25)
+    axes[0].set_ylabel("bytes")
+    fig.suptitle(f"{model}: FP8 saves 75% of the weights against fp32, far less of what training holds")
+    fig.tight_layout()
+    return fig

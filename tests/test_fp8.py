@@ -151,6 +151,15 @@ def test_an_outlier_only_coarsens_its_own_tile():
     assert fp8.sqnr_db(x[others], exact["tile"][others]) > fp8.sqnr_db(x[others], exact["tensor"][others]) + 5
 
 
+@pytest.mark.parametrize("granularity", ["row", "tile"])
+@pytest.mark.parametrize("shape", [(300, 70), (100, 70), (2, 256, 40)])
+def test_scaling_down_the_columns_equals_quantising_the_transpose(granularity, shape):
+    x = torch.randn(*shape)
+    for fmt in ("e4m3", "e5m2"):
+        columns = fp8._fake_quantize(x, fmt, granularity, along=-2)  # the fast path wgrad uses
+        assert torch.equal(columns, fp8.fake_quantize(x.transpose(-1, -2), fmt, granularity).transpose(-1, -2))
+
+
 def test_all_zero_blocks_stay_zero_without_nan():
     x = torch.zeros(130, 300)
     x[0, :10] = torch.arange(10.0)
@@ -258,7 +267,7 @@ def test_sqnr_of_output_and_both_gradients(recipe):
 
 
 def test_straight_through_with_identity_quantisation_equals_linear(monkeypatch):
-    monkeypatch.setattr(fp8, "_fq", lambda t, fmt, granularity, batch=0: t.float())
+    monkeypatch.setattr(fp8, "_fq", lambda t, fmt, granularity, batch=0, along=-1: t.float())
     ref, lin = linear_pair()
     x, g = torch.randn(64, 384), torch.randn(64, 200)
     for a, b in zip(run(ref, x, g), run(lin, x, g)):
@@ -343,7 +352,7 @@ def test_experts_fp8_equal_the_loop_reference_with_identity_quantisation(monkeyp
     ex.fp8 = None
     ex.cfg = dataclasses.replace(cfg, expert_impl="loop")
     reference = forward()
-    monkeypatch.setattr(fp8, "_fq", lambda t, fmt, granularity, batch=0: t.float())
+    monkeypatch.setattr(fp8, "_fq", lambda t, fmt, granularity, batch=0, along=-1: t.float())
     ex.fp8 = fp8.make_recipe("blockwise")
     for a, b in zip(reference, forward()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -431,3 +440,27 @@ def test_fp8_run_trains_saves_loads_and_generates(tmp_path):
         assert torch.equal(v.cpu(), model.state_dict()[k]), k
     out = generate(model, [65, 66], 10, temperature=0.0)
     assert len(out) == 10 and all(0 <= t < 256 for t in out)
+
+
+@pytest.mark.slow
+def test_experiment_quick_writes_figures_and_results(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fp8.py"
+    spec = importlib.util.spec_from_file_location("fp8_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--quick"]) == 0
+    for name in ("granularity.png", "accumulation.png", "training.png", "memory.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["accum_err_k4096"] > 10 * res["accum_err_k4096_promoted"]
+    assert 1e-3 < res["accum_err_k4096"] < 0.1
+    assert abs(res["gap_rel_blockwise"]) < 0.05  # a few steps: every recipe still near the initial loss
+    sq = res["granularity"]["sqnr_db"]
+    assert sq["tile e4m3"][-1] > sq["tensor e4m3"][-1] + 5  # the biggest outliers: tiles win
+    assert {r["recipe"] for r in res["training"]["runs"]} == {"none", "bf16", "blockwise", "tensorwise"}
+    assert 0.74 < res["memory"]["weight_saving_fp8_vs_fp32"] < 0.75
+    assert 0.1 < res["memory"]["train_state_saving_deepseek_vs_fp32_adamw"] < 0.15
