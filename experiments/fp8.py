@@ -101,11 +101,20 @@ def train_one(job: dict) -> dict:
     tc = TrainConfig(out=job["out"], steps=job["steps"], batch_size=job["batch_size"], seq_len=job["seq_len"],
                      eval_interval=job["eval_interval"], eval_windows=job["eval_windows"], seed=job["seed"],
                      device="cpu", threads=1, progress=False, plots=False, overwrite=True, save_interval=0)
-    real_bf16 = job["recipe"] == "bf16-autocast"  # every op autocast, eval included, as on a GPU
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if real_bf16 else contextlib.nullcontext()
+    import moe.train
+
+    plain_autocast = moe.train.autocast
+    if job["recipe"] == "bf16-autocast":
+        # moe.train autocasts each forward (train and eval) to bf16 on CUDA only; for this run it does
+        # on CPU too. (One autocast region around the whole run would be wrong: it caches the bf16
+        # copy of every weight for the region's lifetime, so the updates would never be seen.)
+        moe.train.autocast = lambda device: torch.autocast(device.type, dtype=torch.bfloat16)
     t0 = time.perf_counter()
-    with ctx, contextlib.redirect_stdout(io.StringIO()):  # the eval lines of many runs would interleave
-        result = train(tc, cfg)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the eval lines of many runs would interleave
+            result = train(tc, cfg)
+    finally:
+        moe.train.autocast = plain_autocast  # a worker process runs the next job as it was
     records = read_metrics(tc.out)
     return {**{k: job[k] for k in ("recipe", "seed")}, "val_loss": result.val_loss,
             "curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
