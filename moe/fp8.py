@@ -233,9 +233,9 @@ def _as_float16(q: torch.Tensor, fmt: str) -> tuple[torch.Tensor, float]:
     element at a time (about 5x slower than the rest of fake_quantize together)."""
     h = q.view(torch.int8).to(torch.int16)  # sign-extended: bits 15..8 copy the sign
     if fmt == "e5m2":
-        return (h << 8).view(torch.float16), 1.0
+        return h.bitwise_left_shift_(8).view(torch.float16), 1.0
     # s eeee mmm -> s 0eeee mmm0000000: fp16's exponent bias (15) is 8 more than E4M3's (7)
-    return ((h << 7) & _E4M3_TO_FP16_MASK).view(torch.float16), 256.0
+    return h.bitwise_left_shift_(7).bitwise_and_(_E4M3_TO_FP16_MASK).view(torch.float16), 256.0
 
 
 _E4M3_TO_FP16_MASK = torch.tensor(~0x4000, dtype=torch.int16)  # clears bit 14, a copy of the sign
@@ -363,7 +363,10 @@ def quantize_weight(w_NK: torch.Tensor, recipe: Recipe, dgrad: bool = True) -> t
     with torch.no_grad():
         g_fprop, g_dgrad = GEMMS[recipe.name]["fprop"][1], GEMMS[recipe.name]["dgrad"][1]
         batch = w_NK.dim() - 2
-        w_fprop = _fq(w_NK, recipe.fmt, g_fprop, batch)
+        if g_fprop == "block" and not w_NK.is_contiguous() and w_NK.mT.is_contiguous():
+            w_fprop = _fq(w_NK.mT, recipe.fmt, "block", batch).mT  # blocks are square: quantise the storage
+        else:
+            w_fprop = _fq(w_NK, recipe.fmt, g_fprop, batch)
         if not dgrad:
             return w_fprop, None
         if g_fprop == g_dgrad and g_fprop != "row":
