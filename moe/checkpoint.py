@@ -61,7 +61,7 @@ def _write_durable(path: str, data: bytes) -> None:
     os.chmod(path, with_umask(0o666))
 
 
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict with shared tensors stored once (tied embeddings), plus alias -> owner.
 
     safetensors refuses two names for one storage; the alias map restores them on load.
@@ -69,7 +69,7 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state_dict.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if key in seen:
             aliases[name] = seen[key]
@@ -175,11 +175,14 @@ def latest_checkpoint(out: str) -> str | None:
 
 # ------------------------------------------------------------------------------ save
 def save_checkpoint(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    train_config: dict[str, Any], extra: dict[str, Any]) -> str:
+                    train_config: dict[str, Any], extra: dict[str, Any], model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> str:
     """Write OUT/ckpt-<step> atomically and durably, point LATEST at it, then delete older ones.
 
-    An OSError (disk full, read-only) leaves the previous checkpoint as it was and is raised
-    with the path that failed.
+    model_state / optimizer_state replace model.state_dict() / optimizer.state_dict() when the
+    model is sharded (moe.parallel.Parallel.full_state gathers the experts): a checkpoint always
+    holds the full single-process model. An OSError (disk full, read-only) leaves the previous
+    checkpoint as it was and is raised with the path that failed.
     """
     from safetensors.torch import save as safetensors_bytes
 
@@ -194,8 +197,10 @@ def save_checkpoint(out: str, model: nn.Module, optimizer: torch.optim.Optimizer
     os.chmod(tmp, with_umask(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
     path = tmp
     try:
-        tensors, aliases = _unique_tensors(model)
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
+        tensors, aliases = _unique_tensors(model.state_dict() if model_state is None else model_state)
+        if optimizer_state is None:
+            optimizer_state = optimizer.state_dict()
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": optimizer_state,
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                  **extra}

@@ -54,6 +54,8 @@ class MoE(nn.Module):
         # routing statistics, accumulated until reset_routing_stats (not saved in checkpoints)
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
+        # the ranks whose tokens form one batch for the batch-level aux loss (set by moe.parallel)
+        self.group = None
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, S, D = x_BSD.shape
@@ -71,7 +73,7 @@ class MoE(nn.Module):
         """The enabled balancing terms, each already times its coefficient."""
         cfg, losses = self.cfg, {}
         if cfg.aux_loss_alpha > 0:
-            losses["aux"] = cfg.aux_loss_alpha * balance.switch_aux_loss(r.scores_TE, r.experts_TK)
+            losses["aux"] = cfg.aux_loss_alpha * balance.switch_aux_loss(r.scores_TE, r.experts_TK, self.group)
         if cfg.seq_aux_loss_alpha > 0:
             losses["seq_aux"] = cfg.seq_aux_loss_alpha * balance.seq_aux_loss(r.scores_TE, r.experts_TK, batch)
         if cfg.z_loss_coef > 0:
