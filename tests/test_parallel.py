@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from moe import parallel
+from moe.accounting import ep_traffic
 from moe.balance import update_bias
 from moe.checkpoint import load_checkpoint, load_model, read_metrics
 from moe.config import PRESETS
@@ -195,6 +196,16 @@ def _routing_of(rank: int, n_tokens: int, E: int, K: int) -> torch.Tensor:
 
 def round_trip(rank: int, world: int) -> dict:
     ps = parallel.setup("ep", None, torch.device("cpu"), timeout_s=60)
+    sent_bytes = [0]  # float bytes this rank sends to other ranks, forward and backward
+    a2a = torch.distributed.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+        if input.is_floating_point():
+            row = input[0].numel() * input.element_size() if input.shape[0] else 0
+            sent_bytes[0] += row * (sum(input_split_sizes) - input_split_sizes[rank])
+        return a2a(output, input, output_split_sizes, input_split_sizes, **kw)
+
+    torch.distributed.all_to_all_single = counting
     E, K, L, D = 8, 3, 8 // world, 5
     T = [4, 7, 0, 2][rank]  # uneven, and rank 2 (of 4) sends nothing
     x_TD = torch.randn(T, D)
@@ -206,8 +217,10 @@ def round_trip(rank: int, world: int) -> dict:
     g_TD = torch.randn(T, D)
     (y_TD * g_TD).sum().backward()
     parallel.teardown(ps)
+    torch.distributed.all_to_all_single = a2a
     return {"x": x_TD.detach(), "y": y_TD.detach(), "grad": x_TD.grad, "g": g_TD, "recv_W": plan.recv_W,
-            "x_RD": x_RD.detach(), "expert_R": expert_R, "T": T}
+            "x_RD": x_RD.detach(), "expert_R": expert_R, "T": T, "sent_bytes": sent_bytes[0],
+            "rows_out": sum(plan.send_W) - plan.send_W[rank]}
 
 
 def test_dispatch_then_combine_restores_the_input_and_rows_trace_to_their_source(tmp_path):
@@ -229,6 +242,13 @@ def test_dispatch_then_combine_restores_the_input_and_rows_trace_to_their_source
             assert torch.equal(experts, experts.sort().values)  # sorted by expert inside a source's block
     assert ranks[-1]["expert_R"].numel() == ranks[-1]["x_RD"].shape[0]
     assert not (ranks[-1]["expert_R"] == L - 1).any()  # expert E-1 gets nothing from anyone
+    # the calculator's model of the traffic: 4 transfers (dispatch, combine; forward, backward) of
+    # one D-wide row per assignment that leaves its token's rank; here D = 5, fp32. Per rank the
+    # bytes differ (a busy expert's rank sends more results back); summed over ranks they agree.
+    t = ep_traffic(LAYER_CFG.replace(dim=5, n_activated_experts=K), world, "fp32")
+    per_row = t["bytes_per_token_per_layer"]["total"] / t["rows_per_token_per_layer"]
+    assert per_row == 4 * 5 * 4
+    assert sum(r["sent_bytes"] for r in ranks) == per_row * sum(r["rows_out"] for r in ranks) > 0
 
 
 # ------------------------------------------------------------------------------ the whole model
@@ -479,3 +499,63 @@ def test_torchrun_cli_trains_ep_like_one_process(tmp_path):
     assert _losses(str(tmp_path / "ep")) == pytest.approx(_losses(str(tmp_path / "one")), rel=1e-4)
     model, _ = load_model(str(tmp_path / "ep"))
     assert model.layers[1].ffn.experts.w1.shape[0] == PRESETS["toy"].n_routed_experts
+
+
+# ------------------------------------------------------------------------------ the traffic model
+V3 = PRESETS["deepseek-v3"]
+
+
+def test_rows_leaving_a_rank_match_uniform_routing():
+    """K (ep - 1) / ep rows per token leave its rank when every expert is equally likely."""
+    E, K, g = V3.n_routed_experts, V3.n_activated_experts, torch.Generator().manual_seed(0)
+    experts_TK = torch.rand(20000, E, generator=g).topk(K, dim=1).indices  # K distinct, uniform
+    for ep in (8, 64):
+        left = (experts_TK // (E // ep) != 0).sum(1).float().mean()  # the token lives on rank 0
+        assert float(left) == pytest.approx(ep_traffic(V3, ep)["rows_per_token_per_layer"], rel=0.01)
+
+
+def test_node_counts_match_sampling_and_the_limit_halves_v3s_cross_node_rows():
+    E, K, g = V3.n_routed_experts, V3.n_activated_experts, torch.Generator().manual_seed(0)
+    n = ep_traffic(V3, 64, "fp8", max_nodes=4)["node_limited"]
+    assert (n["nodes"], n["gpus_per_node"], n["max_nodes"]) == (8, 8, 4)
+    experts_TK = torch.rand(20000, E, generator=g).topk(K, dim=1).indices
+    node_TK = experts_TK // (E // 8)
+    remote_nodes = torch.stack([(node_TK == j).any(1) for j in range(1, 8)], 1).sum(1).float().mean()
+    rows = n["cross_node_rows_per_token_per_layer"]
+    assert float(remote_nodes) == pytest.approx(rows["once_per_node"], rel=0.01)
+    assert rows["per_assignment"] == 7.0 and rows["node_limited"] == 3.5 and rows["node_limited_max"] == 4
+    assert n["reduction"] == 2.0
+
+
+def test_traffic_bytes_per_token_and_step():
+    t = ep_traffic(V3, 64, "fp8", batch_tokens=1000)
+    D, rows = V3.dim, 8 * 63 / 64
+    assert t["row_bytes"] == {"to_experts": D + 4 * D // 128, "to_tokens": 2 * D}  # FP8 + a scale per 128
+    layer = t["bytes_per_token_per_layer"]
+    assert layer["dispatch_fwd"] == layer["combine_bwd"] == rows * (D + 4 * D // 128)
+    assert layer["combine_fwd"] == layer["dispatch_bwd"] == rows * 2 * D
+    assert t["moe_layers"] == 58 + 1  # 58 MoE blocks and the MTP module's
+    assert t["bytes_per_token"] == layer["total"] * 59 and t["bytes_per_step"] == 1000 * t["bytes_per_token"]
+    bf16 = ep_traffic(V3, 64, "bf16")
+    assert bf16["bytes_per_token_per_layer"]["total"] == 4 * rows * 2 * D
+    assert ep_traffic(V3, 1)["bytes_per_token"] == 0  # one rank holds every expert: nothing moves
+
+
+def test_calc_ep_flags(capsys):
+    import json
+
+    from moe.__main__ import main
+
+    assert main(["calc", "--preset", "deepseek-v3", "--ep", "64", "--nodes", "4", "--comm-dtype", "fp8",
+                 "--batch-tokens", "62914560", "--gpus", "2048", "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)["all_to_all"]
+    assert a["ep"] == 64 and a["node_limited"]["max_nodes"] == 4
+    assert a["bytes_per_step_per_gpu"] == pytest.approx(a["bytes_per_token"] * 62914560 / 2048)
+    assert main(["calc", "--preset", "deepseek-v3", "--ep", "64", "--nodes", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "all-to-all, EP over 64 ranks (bf16)" in text and "node-limited (2x less)" in text
+    for bad, msg in ((["--ep", "3"], "--ep must be a divisor of n_routed_experts=256, got 3"),
+                     (["--nodes", "4"], "--nodes (each token's experts on at most M nodes) needs --ep N"),
+                     (["--ep", "64", "--nodes", "9"], "--nodes must be between 1 and the 8 node(s)")):
+        assert main(["calc", "--preset", "deepseek-v3", *bad]) == 2
+        assert msg in capsys.readouterr().err
