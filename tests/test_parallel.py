@@ -404,6 +404,18 @@ def test_resume_across_world_sizes_keeps_the_optimizer_moments(tmp_path):
         assert _losses(os.path.join(tmp_path, name)) == pytest.approx(_losses(straight.out), rel=1e-4), name
 
 
+@pytest.mark.slow
+def test_ep_resume_on_the_same_world_size_is_bit_for_bit(tmp_path):
+    write_text(tmp_path / "text.txt")
+    run_ranks(2, train_ranks, run_config(tmp_path, "straight", batch_size=2, parallel="ep"), False, tmp_path=tmp_path)
+    run_ranks(2, train_ranks, run_config(tmp_path, "split", batch_size=2, parallel="ep", stop_at=3), False,
+              tmp_path=tmp_path)
+    run_ranks(2, train_ranks, run_config(tmp_path, "split", batch_size=2, parallel="ep"), True, tmp_path=tmp_path)
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "split"))
+    assert _losses(str(tmp_path / "straight")) == _losses(str(tmp_path / "split"))
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
 # ------------------------------------------------------------------------------ errors, never hangs
 def split_error(rank: int, world: int, tmp: str) -> str:
     tc = TrainConfig(out=os.path.join(tmp, "never"), steps=2, seq_len=16, parallel="ep", device="cpu",
