@@ -17,7 +17,8 @@ from pathlib import Path
 from moe.cli import positive_float
 from moe.exercises import CHILD_FAIL, CHILD_PASS, DEFAULT_TIME_LIMIT, EXERCISES
 
-CHILD = "import sys; from moe.exercises.grader import main; sys.exit(main(sys.argv[1:]))"
+CHILD = ("import os, sys; from moe.exercises.grader import main; rc = main(sys.argv[1:]); "
+         "sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)")
 MAX_CHECKS = 10  # per exercise, for the child's time budget (the grader has at most 8)
 
 

@@ -69,7 +69,6 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-
 def _function_sources(fn: Callable) -> Sources:
     import inspect
 
@@ -204,8 +203,8 @@ def grade_file(path: str | Path, name: str, seconds: float = DEFAULT_TIME_LIMIT,
         if fn is None and name == "all":
             continue  # listed above as not graded
         if fn is None or not callable(fn):
-            what = "not found" if fn is None else f"is a {type(fn).__name__}, not a function"
-            say(Result(n, f"{what} in {path} (define a function named {n})", False).line())
+            what = "not found" if fn is None else f"not a function (its type is {type(fn).__name__})"
+            say(Result(n, f"{what} in {path}: define a function named {n}", False).line())
             n_checks += 1
             continue
         results = run_checks(n, fn, sub.sources, seconds)
@@ -220,7 +219,10 @@ def grade_file(path: str | Path, name: str, seconds: float = DEFAULT_TIME_LIMIT,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child process of `python -m moe.exercises grade` (arguments already checked there)."""
+    """The child process of `python -m moe.exercises grade` (arguments already checked there).
+
+    Returns CHILD_PASS or CHILD_FAIL; the caller ends the process with os._exit, so threads a
+    submission started cannot keep it alive."""
     parser = argparse.ArgumentParser(prog="moe.exercises.grader")
     parser.add_argument("submission")
     parser.add_argument("name")
