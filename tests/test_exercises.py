@@ -164,6 +164,8 @@ def test_handout_refuses_to_overwrite_and_solutions_copy_passes(tmp_path, capsys
 # ------------------------------------------------------------------------------ grading files
 def test_grade_one_exercise_exit_codes(tmp_path):
     assert grade(SOLUTIONS, "topk_route")[0] == 0
+    rc, out = grade(SOLUTIONS, "all")
+    assert rc == 0 and "FAIL" not in out and "WARN" not in out
     wrong = tmp_path / "sub.py"
     wrong.write_text("import torch\n\ndef topk_route(scores_TE, k, bias_E=None, route_scale=1.0, normalize=True):\n"
                      "    w, e = scores_TE.topk(k, dim=-1)\n    return w / w.sum(-1, keepdim=True) * route_scale, e\n")

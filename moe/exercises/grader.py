@@ -18,6 +18,7 @@ import ast
 import json
 import signal
 import sys
+import tempfile
 import textwrap
 import threading
 import types
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from moe.exercises import CHILD_FAIL, CHILD_PASS, DEFAULT_TIME_LIMIT, EXERCISES
 from moe.exercises.checks import CHECKS, SUBMISSION_FILES, Sources, Wrong, describe
@@ -156,8 +158,9 @@ def load_submission(path: str | Path, seconds: float = DEFAULT_TIME_LIMIT) -> Su
             if isinstance(node, ast.ImportFrom) and node.module == "__future__":
                 flags |= sum(getattr(__future__, a.name).compiler_flag for a in node.names
                              if hasattr(__future__, a.name))
+    # registered (dataclasses and pickle look modules up) but without __file__: hypothesis mines the
+    # constants of local modules that have one, which would make the examples depend on the submission
     module = types.ModuleType("submission")
-    module.__file__ = str(path)
     sys.modules["submission"] = module
     sub = Submission(module.__dict__, sources)
     for label, tree in trees:
@@ -229,5 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: more threads only add overhead
-    rc = grade_file(args.submission, args.name, args.time_limit)
+    # hypothesis keeps a cache in ./.hypothesis; not in the student's folder
+    with tempfile.TemporaryDirectory(prefix="moe-grader-") as home:
+        set_hypothesis_home_dir(home)
+        rc = grade_file(args.submission, args.name, args.time_limit)
     return CHILD_PASS if rc == 0 else CHILD_FAIL
