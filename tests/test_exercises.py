@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -49,9 +50,19 @@ def test_every_exercise_has_at_least_two_known_wrong_solutions():
     assert all(fn.mistake for _, fn in ALL_WRONG)
 
 
+def _documented_checks(name: str, mistake: str) -> list[int]:
+    """The deterministic checks docs/exercises.md says this mistake fails."""
+    doc = (ROOT / "docs" / "exercises.md").read_text()
+    section = re.search(rf"### \d+\. `{name}\(.*?(?=\n### |\n## )", doc, re.S).group(0)
+    match = re.search(rf"^- {re.escape(mistake)} \(checks? ([\d, ]+)\)$", section, re.M)
+    assert match, f"docs/exercises.md does not list {mistake!r} under {name}"
+    return [int(i) for i in match.group(1).split(",")]
+
+
 @pytest.mark.parametrize("name,fn", ALL_WRONG, ids=[fn.__name__ for _, fn in ALL_WRONG])
 def test_known_wrong_solution_fails_and_the_message_names_the_mistake(name, fn):
-    failed = [r for r in grader.run_checks(name, fn) if not r.passed]
+    results = grader.run_checks(name, fn)
+    failed = [r for r in results if not r.passed]
     assert failed, f"{fn.__name__} passed the grader"
     messages = "\n".join(r.message for r in failed)
     if fn is WRONG["round_to_e4m3"][-1]:  # uses the float8 cast: the answers are right, the source is not
@@ -59,6 +70,8 @@ def test_known_wrong_solution_fails_and_the_message_names_the_mistake(name, fn):
         assert "float8" in messages
     else:
         assert fn.mistake in messages
+    deterministic = [i for i, r in enumerate(results, 1) if not r.passed and not r.title.endswith("(hypothesis)")]
+    assert deterministic == _documented_checks(name, fn.mistake)
 
 
 # ------------------------------------------------------------------------------ the pinned answers
@@ -185,7 +198,7 @@ def test_broken_submissions_fail_cleanly(tmp_path):
     assert "cannot be loaded" in out and "line 1" in out and "SyntaxError" in out
 
     mixed = tmp_path / "mixed.py"
-    mixed.write_text("import torch\nundefined_name + 1\n"
+    mixed.write_text("import torch\nundefined_name + 1\nwhile True:\n    pass\n"
                      "def expert_capacity(capacity_factor, n_tokens, top_k, n_experts):\n    return 1 // 0\n"
                      "def update_bias(bias_E, tokens_per_expert_E, gamma):\n    while True:\n        pass\n"
                      "def accept_draft(p_V, q_V, draft, u):\n    try:\n        while True:\n            pass\n"
@@ -194,7 +207,8 @@ def test_broken_submissions_fail_cleanly(tmp_path):
     rc, out = grade(mixed, "all", seconds=0.3)
     assert rc == 1 and "Traceback" not in out
     assert "WARN" in out and "line 2: NameError" in out  # a top-level error is reported, grading goes on
-    assert "ZeroDivisionError: integer division or modulo by zero" in out and "mixed.py line 4" in out
+    assert "line 3: took longer than 0.3 s, stopped" in out
+    assert "ZeroDivisionError: integer division or modulo by zero" in out and "mixed.py line 6" in out
     assert "took longer than 0.3 s" in out and "not run: an earlier check" in out
     assert "FAIL round_to_e4m3: not a function (its type is int)" in out
     assert out.count("FAIL accept_draft") == len(checks.CHECKS["accept_draft"])  # a bare except cannot hide a loop
