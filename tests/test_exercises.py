@@ -256,15 +256,24 @@ def test_list_and_bad_arguments(tmp_path, capsys):
     assert ".py or .ipynb" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three child processes, each importing torch
 def test_cli_grades_in_a_child_process_that_cannot_take_it_down(tmp_path):
-    sub = tmp_path / "sub.py"
+    handout.write_handout(tmp_path)
+    sub = tmp_path / "moe_exercises.py"
+    stub = "    # YOUR CODE HERE\n    raise NotImplementedError()\n"
+    text = sub.read_text()
+    at = text.index(stub, text.index("def accept_draft"))  # the student writes one function
     sub.write_text("import threading, time\n"
                    "threading.Thread(target=time.sleep, args=(600,)).start()  # must not keep the grader alive\n"
-                   "def accept_draft(p_V, q_V, draft, u):\n"
-                   "    return bool(u < min(1.0, float(p_V[draft] / q_V[draft])))\n")
+                   + text[:at] + "    return bool(u < min(1.0, float(p_V[draft] / q_V[draft])))\n"
+                   + text[at + len(stub):])
     p = run_cli("grade", "accept_draft", str(sub), timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "PASS accept_draft: u exactly at p/q is rejected (the test is u < ratio)" in p.stdout
+
+    p = run_cli("grade", "all", str(sub), timeout=60)  # the rest of the hand-out is not written yet
+    assert p.returncode == 1 and "FAIL topk_route" in p.stdout and "not written yet" in p.stdout
+    assert "accept_draft: 6 of 6 checks passed" in p.stdout and "Traceback" not in p.stdout + p.stderr
 
     sub.write_text("import os\nos._exit(0)\n")  # the child ends early, without a verdict: a FAIL
     p = run_cli("grade", "all", str(sub))
