@@ -493,22 +493,22 @@ def test_one_process_is_untouched():
 def test_torchrun_cli_trains_ep_like_one_process(tmp_path):
     """The command from the README: torchrun --nproc_per_node 2 -m moe train --parallel ep."""
     text = write_text(tmp_path / "text.txt")
-    sets = [a for kv in ("dim=16", "n_layers=2", "n_heads=2", "kv_lora_rank=8", "qk_nope_head_dim=8",
-                         "qk_rope_head_dim=4", "v_head_dim=8", "inter_dim=32", "moe_inter_dim=8")
-            for a in ("--set", kv)]
-    common = [*sets, "--steps", "4", "--seq-len", "16", "--eval-interval", "2", "--eval-windows", "4", "--data", text,
-              "--threads", "1", "--no-progress", "--no-plots", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "moe", "train", *common, "--batch-size", "4", "--out",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr
+    small = {"dim": 16, "n_layers": 2, "n_heads": 2, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+             "v_head_dim": 8, "inter_dim": 32, "moe_inter_dim": 8}
+    one = train(TrainConfig(out=str(tmp_path / "one"), steps=4, batch_size=4, seq_len=16, eval_interval=2,
+                            eval_windows=4, data=text, threads=1, progress=False, plots=False, device="cpu"),
+                PRESETS["toy"].replace(**small))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     ep = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "moe", "train", "--parallel", "ep",
-                         *common, "--batch-size", "2", "--dist-timeout", "60", "--out", str(tmp_path / "ep")],
-                        env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+                         *[a for k, v in small.items() for a in ("--set", f"{k}={v}")], "--steps", "4",
+                         "--batch-size", "2", "--seq-len", "16", "--eval-interval", "2", "--eval-windows", "4",
+                         "--data", text, "--threads", "1", "--no-progress", "--no-plots", "--device", "cpu",
+                         "--dist-timeout", "60", "--out", str(tmp_path / "ep")],
+                        env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                        text=True, timeout=120)
     assert ep.returncode == 0, ep.stderr
     assert ep.stdout.count("run folder:") == 1  # only rank 0 prints the summary
-    assert _losses(str(tmp_path / "ep")) == pytest.approx(_losses(str(tmp_path / "one")), rel=1e-4)
+    assert _losses(str(tmp_path / "ep")) == pytest.approx(_losses(one.out), rel=1e-4)
     model, _ = load_model(str(tmp_path / "ep"))
     assert model.layers[1].ffn.experts.w1.shape[0] == PRESETS["toy"].n_routed_experts
 
