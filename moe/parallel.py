@@ -103,6 +103,8 @@ class ExpertParallel(Experts):
     """
 
     def __init__(self, experts: Experts, group):
+        if type(experts) is not Experts:  # a variant (another compute path) would silently lose its behaviour
+            raise ValueError(f"expert parallelism shards moe.experts.Experts, not {type(experts).__name__}")
         cfg, W, rank = experts.cfg, dist.get_world_size(group), dist.get_rank(group)
         check_expert_split(cfg, W)
         L = cfg.n_routed_experts // W

@@ -105,17 +105,17 @@ def _layer_loss(y_BSD: torch.Tensor, losses: dict, step: int) -> torch.Tensor:
     return (y_BSD * w).square().mean() + sum(losses.values())  # a mean over this rank's tokens
 
 
-def fresh_layer(case: str, world: int) -> MoE:
+def fresh_layer(case: str, world: int, impl: str) -> MoE:
     torch.manual_seed(0)
-    m = MoE(LAYER_CFG)
+    m = MoE(LAYER_CFG.replace(expert_impl=impl))
     m.router.bias.copy_(_uneven_bias(case, world))
     return m
 
 
-def layer_steps(rank: int, world: int, case: str) -> dict:
+def layer_steps(rank: int, world: int, case: str, impl: str) -> dict:
     """Two optimizer steps of one EP MoE layer on this rank's 2 sequences; what the reference must match."""
     ps = parallel.setup("ep", None, torch.device("cpu"), timeout_s=60)
-    layer = ps.parallelize(fresh_layer(case, world))
+    layer = ps.parallelize(fresh_layer(case, world, impl))
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     out = {"first": layer.experts.first, "steps": []}
     for step in range(2):
@@ -136,8 +136,8 @@ def layer_steps(rank: int, world: int, case: str) -> dict:
     return out
 
 
-def reference_layer_steps(case: str, world: int) -> list[dict]:
-    layer = fresh_layer(case, world)
+def reference_layer_steps(case: str, world: int, impl: str = "loop") -> list[dict]:
+    layer = fresh_layer(case, world, impl)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     steps = []
     for step in range(2):
@@ -158,9 +158,10 @@ def reference_layer_steps(case: str, world: int) -> list[dict]:
 EXPERT_NAMES = {"experts.w1", "experts.w2", "experts.w3"}
 
 
-@pytest.mark.parametrize("world,case", [(2, "uneven"), (4, "empty")])
-def test_ep_layer_matches_one_process_in_outputs_every_gradient_and_the_bias(world, case, tmp_path):
-    ranks = run_ranks(world, layer_steps, case, tmp_path=tmp_path)
+@pytest.mark.parametrize("world,case,impl", [(2, "uneven", "grouped"), (4, "empty", "loop"), (4, "uneven", "auto")])
+def test_ep_layer_matches_one_process_in_outputs_every_gradient_and_the_bias(world, case, impl, tmp_path):
+    """impl: the expert compute each rank runs on its rows (the reference is always the loop)."""
+    ranks = run_ranks(world, layer_steps, case, impl, tmp_path=tmp_path)
     ref = reference_layer_steps(case, world)
     L = LAYER_CFG.n_routed_experts // world
     assert [r["first"] for r in ranks] == [r * L for r in range(world)]
