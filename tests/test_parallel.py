@@ -363,9 +363,9 @@ def _losses(out: str, key: str = "loss") -> list[float]:
 @pytest.mark.slow
 def test_training_on_1_2_and_4_processes_gives_the_same_losses_and_a_one_process_checkpoint(tmp_path):
     write_text(tmp_path / "text.txt")
-    one = train(run_config(tmp_path, "one"), TRAIN_CFG)  # 4 sequences per step
-    two = run_config(tmp_path, "ep2", batch_size=2, parallel="ep", grad_accum=1)
-    four = run_config(tmp_path, "ep4", batch_size=1, parallel="ep")
+    one = train(run_config(tmp_path, "one", grad_accum=2), TRAIN_CFG)  # 2 micro-batches of 4 sequences per step
+    two = run_config(tmp_path, "ep2", batch_size=2, parallel="ep", grad_accum=2)
+    four = run_config(tmp_path, "ep4", batch_size=1, parallel="ep", grad_accum=2)
     run_ranks(2, train_ranks, two, False, tmp_path=tmp_path)
     run_ranks(4, train_ranks, four, False, tmp_path=tmp_path)
     for tc in (two, four):
