@@ -142,11 +142,11 @@ class SpecStats:
 class _MTPDrafter:
     """MTP module 1 with its own KV cache: h_i (main) + Emb(t_{i+1}) -> a draft of t_{i+2}."""
 
-    def __init__(self, model: Transformer, max_len: int):
+    def __init__(self, model: Transformer, max_len: int | None = None):
         self.model = model
         self.module = model.mtp[0]
         w = model.embed.weight
-        self.cache = self.module.block.attn.new_cache(1, max_len, w.device, w.dtype)
+        self.cache = self.module.block.attn.new_cache(1, max_len or model.cfg.max_seq_len, w.device, w.dtype)
 
     def __call__(self, h_BSD: torch.Tensor, next_tokens: list[int], start_pos: int) -> torch.Tensor:
         """Feed positions start_pos.. (main hidden states and the tokens after them); logits of the last."""

@@ -35,6 +35,7 @@ from moe.interop.hf import (  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from moe.router import Router  # noqa: E402
 
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models: one intra-op thread is several times faster than two on a shared machine."""
@@ -565,3 +566,61 @@ def test_hf_entries_cover_both_expert_layouts():
     assert "model.layers.2.mlp.experts.gate_up_proj" in fused
     with pytest.raises(ValueError, match="layout"):
         hf_entries(cfg, "stacked")
+
+
+def test_generate_uses_the_converted_tokenizer(mixtral, tmp_path, capsys):
+    """convert copies a transformers tokenizer into OUT/tokenizer; generate streams text with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf, _, ours = mixtral
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz .")}
+    vocab.update({f"<w{i}>": i for i in range(len(vocab), VOCAB - 1)}, **{"[UNK]": VOCAB - 1})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    src = save_hf(hf, tmp_path / "hf")
+    tokenizer.save_pretrained(src)
+    assert main(["convert", "--from-hf", src, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    prompt = "the cat"
+    ids = tokenizer.encode(prompt)
+    want = tokenizer.decode(ids + generate(ours, ids, 12, temperature=0.0))
+    capsys.readouterr()
+    for stream in ([], ["--no-stream"]):
+        assert main(["generate", str(tmp_path / "run"), "--greedy", "--max-new-tokens", "12", "--prompt", prompt,
+                     *stream]) == 0
+        assert capsys.readouterr().out == want + "\n"
+
+
+def test_generate_caches_only_the_positions_it_needs(monkeypatch):
+    """A converted DeepSeek-V3 says max_seq_len 163840: a cache that long would be 23 GB (fp32)."""
+    cfg = PRESETS["toy"].replace(max_seq_len=1 << 16, n_mtp=1)
+    model = Transformer(cfg).eval()
+    sizes = []
+    real = Transformer.new_cache
+    monkeypatch.setattr(Transformer, "new_cache", lambda self, b, n=None, **kw: sizes.append(n) or real(self, b, n))
+    generate(model, [1, 2, 3], 5, temperature=0.0)
+    from moe.generate import speculative_generate
+
+    speculative_generate(model, [1, 2, 3], 5)
+    assert sizes == [3 + 5 + 1] * 2
+
+
+def test_interop_parity_experiment_quick(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "interop_parity.py"
+    spec = importlib.util.spec_from_file_location("interop_parity", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    n = torch.get_num_threads()
+    try:
+        assert experiment.main(["--out", str(tmp_path), "--quick"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(results) == 4 and sum(r["yarn"] for r in results.values()) == 2
+    for r in results.values():
+        assert r["max_abs_logit_diff"] < 1e-4 < r["max_abs_logit"]
+        assert r["greedy_equal"] and r["from_hf_of_to_hf_exact"] and r["to_hf_of_from_hf_exact"] in (True, None)
