@@ -556,6 +556,24 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     assert "safetensors" in capsys.readouterr().err
     assert main(["convert", "--to-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "empty" / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
+    assert main(["convert", "--from-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_convert_cli_refuses_to_overwrite_and_misplaced_flags(mixtral, tmp_path, capsys):
+    src = save_hf(mixtral[0], tmp_path / "hf")
+    out = str(tmp_path / "run")
+    assert main(["convert", "--from-hf", src, "--out", out, "--quiet", "--set", "max_seq_len=64"]) == 0
+    assert load_model(out)[0].cfg.max_seq_len == 64
+    assert main(["convert", "--from-hf", src, "--out", out, "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", "--from-hf", src, "--out", out, "--quiet", "--overwrite"]) == 0
+    assert main(["convert", "--from-hf", src, "--out", out, "--layout", "fused"]) == 2
+    assert main(["convert", "--to-hf", out, "--out", str(tmp_path / "hf")]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_hf_entries_cover_both_expert_layouts():

@@ -94,8 +94,11 @@ class HFCheckpoint:
         from safetensors import safe_open
 
         if fname not in self._open:
-            self._open[fname] = self._stack.enter_context(
-                safe_open(os.path.join(self.folder, fname), framework="pt", device="cpu"))
+            path = os.path.join(self.folder, fname)
+            try:
+                self._open[fname] = self._stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
         return self._open[fname]
 
     def names(self) -> list[str]:

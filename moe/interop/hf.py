@@ -122,6 +122,13 @@ def config_from_hf(config: Any, n_mtp: int = 0, **overrides: Any) -> ModelConfig
     """
     hf = _as_dict(config)
     arch = architecture(hf)
+    try:
+        return _config_from_hf(hf, arch, n_mtp, overrides)
+    except KeyError as e:
+        raise ValueError(f"the {arch} config has no {e.args[0]!r}, which the conversion needs") from None
+
+
+def _config_from_hf(hf: dict[str, Any], arch: str, n_mtp: int, overrides: dict[str, Any]) -> ModelConfig:
     _require(hf, "hidden_act", ("silu",), "silu")
     _require(hf, "attention_bias", (False,), False)
     rope = _rope(hf)
@@ -173,6 +180,9 @@ def config_from_hf(config: Any, n_mtp: int = 0, **overrides: Any) -> ModelConfig
                 float(hf.get("router_aux_loss_coef", 0.0)), K, L),
         )
     cfg.update(_yarn_from_hf(hf, rope))
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}")
     cfg.update(overrides)
     return ModelConfig(**cfg)
 
