@@ -372,7 +372,10 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=32768, rope_theta=1e6,
         norm_eps=1e-5, attn="mha", n_kv_heads=8, head_dim=128, inter_dim=14336, n_dense_layers=0,
         n_routed_experts=8, n_shared_experts=0, n_activated_experts=2, moe_inter_dim=14336,
-        score_func="softmax", route_scale=1.0, norm_topk_prob=True, aux_loss_alpha=2e-2,
+        score_func="softmax", route_scale=1.0, norm_topk_prob=True,
+        # config.json's router_aux_loss_coef 0.02, normalised as ours (moe.interop.hf.aux_alpha_from_hf):
+        # transformers' loss over all layers pooled is top_k x ours per layer, and we sum 32 layers
+        aux_loss_alpha=0.02 * 2 / 32,
         original_seq_len=32768, rope_factor=1.0,  # plain RoPE over the whole context: no YaRN
     ),
 }

@@ -302,7 +302,7 @@ def test_mixtral_config_gives_the_preset():
     preset = PRESETS["mixtral-8x7b"]
     fields = [f for f in ARCH_FIELDS if f not in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                                                     "qk_rope_head_dim", "v_head_dim", "inter_dim", "beta_fast",
-                                                    "beta_slow", "mscale")] + ["n_kv_heads"]
+                                                    "beta_slow", "mscale")] + ["n_kv_heads", "aux_loss_alpha"]
     assert {f: getattr(cfg, f) for f in fields} == {f: getattr(preset, f) for f in fields}
     assert cfg.mha_head_dim == preset.mha_head_dim
 
