@@ -217,11 +217,17 @@ def round_trip(rank: int, world: int) -> dict:
     y_TD = combine(x_RD, torch.full((T, K), 1.0 / K), plan, T)  # identity experts, weights 1/K
     g_TD = torch.randn(T, D)
     (y_TD * g_TD).sum().backward()
+    sent = sent_bytes[0]
+    # the same rows in bf16 and float8 (gloo has no float8: it travels as uint8 bytes)
+    rows_ND = x_TD.detach().index_select(0, plan.token_N)
+    wire = {str(dt): torch.equal(parallel._all_to_all(rows_ND.to(dt), plan.recv_W, plan.send_W, ps.ep_group)
+                                 .view(torch.uint8), x_RD.detach().to(dt).view(torch.uint8))
+            for dt in (torch.bfloat16, torch.float8_e4m3fn)}
     parallel.teardown(ps)
     torch.distributed.all_to_all_single = a2a
     return {"x": x_TD.detach(), "y": y_TD.detach(), "grad": x_TD.grad, "g": g_TD, "recv_W": plan.recv_W,
-            "x_RD": x_RD.detach(), "expert_R": expert_R, "T": T, "sent_bytes": sent_bytes[0],
-            "rows_out": sum(plan.send_W) - plan.send_W[rank]}
+            "x_RD": x_RD.detach(), "expert_R": expert_R, "T": T, "sent_bytes": sent,
+            "rows_out": sum(plan.send_W) - plan.send_W[rank], "wire": wire}
 
 
 def test_dispatch_then_combine_restores_the_input_and_rows_trace_to_their_source(tmp_path):
@@ -229,6 +235,7 @@ def test_dispatch_then_combine_restores_the_input_and_rows_trace_to_their_source
     L = E // world
     ranks = run_ranks(world, round_trip, tmp_path=tmp_path)
     for me, r in enumerate(ranks):
+        assert all(r["wire"].values()), r["wire"]  # bf16 and float8 rows arrive bit for bit
         torch.testing.assert_close(r["y"], r["x"])  # K copies out, K results back, weights 1/K
         torch.testing.assert_close(r["grad"], r["g"])  # and the backward is the identity too
         # every received row: from the source its block says, a token of that source that chose my expert
