@@ -59,7 +59,7 @@ def run_once(model: Transformer, prompt: list[int], n_new: int, speculative: boo
 def entries_for(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[Transformer, bool]]:
     """name -> (model, speculative)."""
     if args.checkpoint:
-        from moe.train import load_model
+        from moe.checkpoint import load_model
 
         model, _ = load_model(args.checkpoint, device)
         model.eval()

@@ -1,7 +1,7 @@
 """Forward+backward throughput of one MoE layer: ours vs transformers vs the dense limit.
 
 Entries, all built from the same config and fed the same input:
-  ours[loop|grouped]     moe.layer.MoE(cfg), project init (moe.layer.init_weights), with each
+  ours[loop|grouped]     moe.layer.MoE(cfg) (it initialises itself with the project's rule, moe.init), with each
                          dispatch implementation; "+compile" = torch.compile of the layer
   hf[eager|grouped_mm|batched_mm]
                          transformers' DeepseekV3MoE with each experts implementation, every
@@ -50,7 +50,8 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe.config import ModelConfig  # noqa: E402
-from moe.layer import MoE, init_weights  # noqa: E402
+from moe.init import init_weights  # noqa: E402
+from moe.layer import MoE  # noqa: E402
 
 # The MoE shape of each preset, in ModelConfig's contract fields, and its default batches.
 PRESET_SIZES: dict[str, dict[str, Any]] = {
@@ -81,8 +82,7 @@ def active_fwd_flops_per_token(cfg: ModelConfig) -> float:
 
 # ---------------------------------------------------------------------------------- entries
 def build_ours(cfg: ModelConfig, impl: str) -> MoE:
-    m = MoE(cfg.replace(expert_impl=impl))
-    init_weights(m, cfg)
+    m = MoE(cfg.replace(expert_impl=impl))  # initialises itself with the project's rule (moe.init)
     m.fwd_flops_per_token = active_fwd_flops_per_token(cfg)
     return m
 

@@ -26,11 +26,24 @@ def _normalised(scores_TE: torch.Tensor) -> torch.Tensor:
     return scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def switch_aux_loss(scores_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-    """E * sum_i f_i * P_i over all tokens; 1.0 at uniform load."""
+def switch_aux_loss(scores_TE: torch.Tensor, experts_TK: torch.Tensor, group=None) -> torch.Tensor:
+    """E * sum_i f_i * P_i over all tokens; 1.0 at uniform load.
+
+    With a process group (data parallel), f_i counts the assignments of every rank's tokens
+    (one all-reduce of E counts, which carry no gradient) and P_i is this rank's mean score:
+    the mean of this loss over the ranks is then the loss of the global batch, and so is the
+    mean of its gradients (ranks with equal token counts, as in training).
+    """
     T, E = scores_TE.shape
     K = experts_TK.shape[1]
-    f_E = torch.bincount(experts_TK.flatten(), minlength=E).to(scores_TE.dtype) / (T * K)
+    counts_E = torch.bincount(experts_TK.flatten(), minlength=E).to(scores_TE.dtype)
+    n = T * K
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts_E, group=group)
+        n *= dist.get_world_size(group)
+    f_E = counts_E / n
     P_E = _normalised(scores_TE).mean(dim=0)
     return E * (f_E * P_E).sum()
 

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, fields
 from typing import Any
+
+# the string fields and their allowed values
+CHOICES: dict[str, tuple[str, ...]] = {
+    "attn": ("mha", "mla"),
+    "score_func": ("softmax", "sigmoid"),
+    "expert_impl": ("auto", "loop", "grouped"),
+    "fp8": ("none", "blockwise", "rowwise", "tensorwise", "bf16"),  # moe.fp8.RECIPES
+}
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,15 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the input embedding with the output head
     norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
-    init_std: float = 0.02  # std of the normal init of every weight matrix
+    init_std: float = 0.02  # std of the normal init of every weight matrix (DeepSeek-V2/V3: 0.006)
+
+    # --- YaRN: RoPE stretched past the pre-training context (names and defaults of DeepSeek's ---
+    # --- reference ModelArgs; on when max_seq_len > original_seq_len, as there; see moe/rope.py) ---
+    original_seq_len: int = 4096  # context RoPE was pre-trained at (DeepSeek-V2/V3: 4096)
+    rope_factor: float = 40.0  # s: slow frequencies are divided by s (DeepSeek-V2/V3: 40; 1 = no stretch)
+    beta_fast: float = 32.0  # frequencies turning more than this often over original_seq_len are kept
+    beta_slow: float = 1.0  # ... less than this often are divided by rope_factor; a linear ramp between
+    mscale: float = 1.0  # softmax scale *= (0.1 * mscale * ln(rope_factor) + 1)^2 (V3: 1.0; V2, V2-Lite: 0.707)
 
     # --- attention ---
     attn: str = "mla"  # "mha" (covers MHA and GQA) or "mla" (Multi-head Latent Attention)
@@ -75,58 +92,56 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Reject every impossible combination, naming the field(s) and allowed values."""
+        """Reject every impossible value or combination, naming the field(s) and what is allowed."""
+        self._check_types()
         positive = ["vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "inter_dim",
                     "n_routed_experts", "n_activated_experts", "moe_inter_dim",
                     "n_expert_groups", "n_limited_groups"]
         for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        non_negative = ["n_dense_layers", "n_shared_experts", "n_mtp", "q_lora_rank"]
-        for name in non_negative:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ["n_dense_layers", "n_shared_experts", "n_mtp", "q_lora_rank"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name in ["bias_update_speed", "aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_coef",
                      "mtp_loss_weight"]:
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name in ["norm_eps", "rope_theta", "init_std", "route_scale"]:
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"{name} must be a number > 0, got {v!r}")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if self.original_seq_len <= 0:
+            raise ValueError(f"original_seq_len must be a positive integer, got {self.original_seq_len!r}")
+        if self.rope_factor < 1:
+            raise ValueError(f"rope_factor must be a finite number >= 1 (1 = no stretch), got {self.rope_factor!r}")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ValueError(f"beta_fast and beta_slow must satisfy 0 < beta_slow < beta_fast, got "
+                             f"beta_fast={self.beta_fast!r}, beta_slow={self.beta_slow!r}")
+        if self.mscale < 0:
+            raise ValueError(f"mscale must be a finite number >= 0, got {self.mscale!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
 
-        if self.attn not in ("mha", "mla"):
-            raise ValueError(f"attn must be one of 'mha', 'mla', got {self.attn!r}")
-        if self.score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_func must be one of 'softmax', 'sigmoid', got {self.score_func!r}")
-        if self.expert_impl not in ("auto", "loop", "grouped"):
-            raise ValueError(f"expert_impl must be one of 'auto', 'loop', 'grouped', got {self.expert_impl!r}")
-        if self.fp8 not in ("none", "blockwise", "rowwise", "tensorwise", "bf16"):  # moe.fp8.RECIPES
-            raise ValueError(f"fp8 must be one of 'none', 'blockwise', 'rowwise', 'tensorwise', 'bf16', "
-                             f"got {self.fp8!r}")
         if self.n_dense_layers > self.n_layers:
             raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be <= n_layers ({self.n_layers})")
 
         if self.attn == "mha":
             kv = self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
-            if not isinstance(kv, int) or kv <= 0 or self.n_heads % kv:
+            if kv <= 0 or self.n_heads % kv:
                 raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must be a positive divisor of "
                                  f"n_heads ({self.n_heads}) (or None)")
             if self.head_dim is None and self.dim % self.n_heads:
                 raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
                                  "when head_dim is None; or set head_dim explicitly")
             hd = self.head_dim if self.head_dim is not None else self.dim // self.n_heads
-            if not isinstance(hd, int) or hd <= 0 or hd % 2:
+            if hd <= 0 or hd % 2:
                 raise ValueError(f"head_dim must be a positive even integer (RoPE rotates pairs), got {hd!r}")
         else:
             for name in ["kv_lora_rank", "qk_rope_head_dim", "v_head_dim"]:
-                v = getattr(self, name)
-                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                    raise ValueError(f"{name} must be a positive integer for attn='mla', got {v!r}")
-            if not isinstance(self.qk_nope_head_dim, int) or self.qk_nope_head_dim < 0:
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be a positive integer for attn='mla', got {getattr(self, name)!r}")
+            if self.qk_nope_head_dim < 0:
                 raise ValueError(f"qk_nope_head_dim must be an integer >= 0, got {self.qk_nope_head_dim!r}")
             if self.qk_rope_head_dim % 2:
                 raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
@@ -143,6 +158,23 @@ class ModelConfig:
                              f"n_activated_experts ({K}), or a token cannot find K experts")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}")
+
+    def _check_types(self) -> None:
+        """Each field has its declared type: a JSON "false" is not False, 1.0 is not an int, NaN is
+        not a number (it would pass every range check)."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), str(f.type)
+            if v is None and "None" in kind:
+                continue
+            base = kind.split("|")[0].strip()
+            ok = {"bool": isinstance(v, bool),
+                  "int": isinstance(v, int) and not isinstance(v, bool),
+                  "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  "str": isinstance(v, str)}[base]
+            if not ok:
+                what = {"bool": "true or false (a boolean, not a string)", "int": "an integer",
+                        "float": "a finite number", "str": "a string"}[base]
+                raise ValueError(f"{f.name} must be {what}{' or None' if 'None' in kind else ''}, got {v!r}")
 
     # ---------------------------------------------------------------- derived shapes
     @property
@@ -189,10 +221,18 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
+        """A config JSON file; every error names the file."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+        try:
+            return cls.from_json(text)
+        except ValueError as e:
+            raise ValueError(f"config file {path}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -214,8 +254,26 @@ def with_umask(mode: int) -> int:
     return mode & ~mask
 
 
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or deletion inside folder durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temp file in the same folder and os.replace (ordinary permissions)."""
+    """Write text to path via a temp file in the same folder, fsync, os.replace, fsync the folder.
+
+    A crash (or power loss) leaves either the old file or the new one, never half of it; the
+    new file gets ordinary permissions.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -227,6 +285,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, with_umask(0o666))
         os.replace(tmp, path)
+        fsync_dir(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -288,6 +347,10 @@ PRESETS: dict[str, ModelConfig] = {
         n_activated_experts=8, moe_inter_dim=2048, n_expert_groups=8, n_limited_groups=4,
         score_func="sigmoid", route_scale=2.5, norm_topk_prob=True, bias_update_speed=1e-3,
         seq_aux_loss_alpha=1e-4, n_mtp=1, mtp_loss_weight=0.3,
+        init_std=0.006,  # technical report section 4.2: every parameter ~ N(0, 0.006)
+        # YaRN as DeepSeek's inference/model.py ModelArgs (config_671B.json keeps its defaults) and the V3
+        # report's long-context extension: s = 40, alpha = 1, beta = 32, sqrt(t) = 0.1 ln s + 1
+        original_seq_len=4096, rope_factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
     ),
     "deepseek-v2": ModelConfig(
         vocab_size=102400, dim=5120, n_layers=60, n_heads=128, max_seq_len=163840,
@@ -295,6 +358,11 @@ PRESETS: dict[str, ModelConfig] = {
         v_head_dim=128, inter_dim=12288, n_dense_layers=1, n_routed_experts=160, n_shared_experts=2,
         n_activated_experts=6, moe_inter_dim=1536, n_expert_groups=8, n_limited_groups=3,
         score_func="softmax", route_scale=16.0, norm_topk_prob=False, aux_loss_alpha=3e-3,
+        init_std=0.006,  # DeepSeek-V2 report, training hyper-parameters: N(0, 0.006)
+        # YaRN as the V2 report's long-context extension: s = 40, alpha = 1, beta = 32 over 4096 positions,
+        # sqrt(t) = 0.0707 ln s + 1, i.e. mscale 0.707. (DeepSeek-V3's inference/configs/config_236B.json
+        # omits mscale, so that code would run V2 with 1.0; its config_16B.json for V2-Lite sets 0.707.)
+        original_seq_len=4096, rope_factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=0.707,
     ),
     "deepseek-v2-lite": ModelConfig(
         vocab_size=102400, dim=2048, n_layers=27, n_heads=16, max_seq_len=163840,
@@ -302,12 +370,19 @@ PRESETS: dict[str, ModelConfig] = {
         v_head_dim=128, inter_dim=10944, n_dense_layers=1, n_routed_experts=64, n_shared_experts=2,
         n_activated_experts=6, moe_inter_dim=1408, n_expert_groups=1, n_limited_groups=1,
         score_func="softmax", route_scale=1.0, norm_topk_prob=False, aux_loss_alpha=1e-3,
+        init_std=0.006,  # as DeepSeek-V2
+        # YaRN as inference/configs/config_16B.json (mscale 0.707) and the released config.json
+        original_seq_len=4096, rope_factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=0.707,
     ),
     "mixtral-8x7b": ModelConfig(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=32768, rope_theta=1e6,
         norm_eps=1e-5, attn="mha", n_kv_heads=8, head_dim=128, inter_dim=14336, n_dense_layers=0,
         n_routed_experts=8, n_shared_experts=0, n_activated_experts=2, moe_inter_dim=14336,
-        score_func="softmax", route_scale=1.0, norm_topk_prob=True, aux_loss_alpha=2e-2,
+        score_func="softmax", route_scale=1.0, norm_topk_prob=True,
+        # config.json's router_aux_loss_coef 0.02, normalised as ours (moe.interop.hf.aux_alpha_from_hf):
+        # transformers' loss over all layers pooled is top_k x ours per layer, and we sum 32 layers
+        aux_loss_alpha=0.02 * 2 / 32,
+        original_seq_len=32768, rope_factor=1.0,  # plain RoPE over the whole context: no YaRN
     ),
 }
 

@@ -28,6 +28,7 @@ from moe.config import atomic_write_text
 CORPUS_VERSION = 2  # bump when the build rule changes: the cache key includes it
 CODE_BUDGET_BYTES = 1_000_000  # stdlib source to sample; the prose topics are ~0.5 MB
 MAX_FILE_BYTES = 100_000  # skip the few huge (often generated) stdlib modules
+DEFAULT_MAX_DATA_MB = 512  # --data files larger than this are refused (--max-data-mb raises it)
 VAL_PERCENT = 10  # share of documents (default corpus) or bytes (--data) held out
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
 
@@ -189,20 +190,30 @@ def load_embedded_corpus(rebuild: bool = False) -> Corpus:
         except (OSError, ValueError, KeyError, TypeError):
             data = None  # a damaged cache is rebuilt, never trusted
     data = build_embedded_corpus()
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False))
+    try:
+        atomic_write_text(path, json.dumps(data, ensure_ascii=False))
+    except OSError as e:  # a read-only home or cache folder must not stop training
+        print(f"warning: cannot cache the corpus at {path} ({e.strerror or e}); using it from memory "
+              "(set MOE_CACHE_DIR to a writable folder to cache it)", file=sys.stderr)
     return Corpus("embedded", tuple(data["domains"]), _split_from_json(data["train"]), _split_from_json(data["val"]))
 
 
 # ------------------------------------------------------------------------------ --data FILE
-def read_text_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a UTF-8 text file, or a one-line error saying what is wrong with it."""
+def read_text_file(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_DATA_MB * 2**20) -> bytes:
+    """The bytes of a UTF-8 text file, or a one-line error saying what is wrong with it.
+
+    Reads at most max_bytes + 1 bytes, so an endless file (/dev/zero, a pipe) cannot fill memory.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"data path is a directory, expected a UTF-8 text file: {path}")
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"data file is larger than {max_bytes / 2**20:g} MiB: {path}; raise the limit with "
+                         "--max-data-mb if it really is that big")
     if not raw:
         raise ValueError(f"data file is empty: {path}")
     nul = raw.find(b"\0")
@@ -216,9 +227,10 @@ def read_text_file(path: str | os.PathLike) -> bytes:
     return raw
 
 
-def load_text_corpus(path: str | os.PathLike, min_bytes: int = 64) -> Corpus:
+def load_text_corpus(path: str | os.PathLike, min_bytes: int = 64,
+                     max_bytes: int = DEFAULT_MAX_DATA_MB * 2**20) -> Corpus:
     """Any UTF-8 file as a corpus: the first 90% trains, the last 10% validates."""
-    raw = read_text_file(path)
+    raw = read_text_file(path, max_bytes)
     if len(raw) < min_bytes:
         raise ValueError(f"data file is too short ({len(raw)} bytes; need at least {min_bytes}): {os.fspath(path)}")
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -227,9 +239,10 @@ def load_text_corpus(path: str | os.PathLike, min_bytes: int = 64) -> Corpus:
     return Corpus(os.fspath(path), ("text",), Split(train, torch.zeros_like(train)), Split(val, torch.zeros_like(val)))
 
 
-def load_corpus(data: str | os.PathLike | None = None, seq_len: int | None = None) -> Corpus:
+def load_corpus(data: str | os.PathLike | None = None, seq_len: int | None = None,
+                max_bytes: int = DEFAULT_MAX_DATA_MB * 2**20) -> Corpus:
     """The embedded corpus (data=None) or a text file; checks it fits seq_len when given."""
-    corpus = load_embedded_corpus() if data is None else load_text_corpus(data)
+    corpus = load_embedded_corpus() if data is None else load_text_corpus(data, max_bytes=max_bytes)
     if seq_len is not None:
         corpus.check_fits(seq_len)
     return corpus

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ModelConfig
+from moe.init import init_weights
 
 
 class Dispatch(NamedTuple):
@@ -223,6 +224,10 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, D, I))  # gate projection
         self.w3 = nn.Parameter(torch.empty(E, D, I))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, I, D))  # down projection
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.cfg)
 
     def use_grouped(self, x: torch.Tensor, n_rows: int) -> bool:
         """'auto': grouped_mm on GPU; on CPU grouped_mm for small batches, the loop for large.

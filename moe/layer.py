@@ -12,8 +12,6 @@ its balancing loss terms, already multiplied by their coefficients.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,17 +19,23 @@ from torch import nn
 from moe import balance
 from moe.config import ModelConfig
 from moe.experts import Experts
+from moe.init import init_weights
 from moe.router import Router
 
 
 class MLP(nn.Module):
-    """Dense SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+    """Dense SwiGLU feed-forward of width inter_dim: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, cfg: ModelConfig, inter_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.cfg = cfg
+        self.w1 = nn.Linear(cfg.dim, inter_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, cfg.dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -46,10 +50,12 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         # n_shared experts of width I behave exactly like one MLP of width n_shared * I
-        self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # routing statistics, accumulated until reset_routing_stats (not saved in checkpoints)
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
+        # the ranks whose tokens form one batch for the batch-level aux loss (set by moe.parallel)
+        self.group = None
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, S, D = x_BSD.shape
@@ -67,30 +73,12 @@ class MoE(nn.Module):
         """The enabled balancing terms, each already times its coefficient."""
         cfg, losses = self.cfg, {}
         if cfg.aux_loss_alpha > 0:
-            losses["aux"] = cfg.aux_loss_alpha * balance.switch_aux_loss(r.scores_TE, r.experts_TK)
+            losses["aux"] = cfg.aux_loss_alpha * balance.switch_aux_loss(r.scores_TE, r.experts_TK, self.group)
         if cfg.seq_aux_loss_alpha > 0:
             losses["seq_aux"] = cfg.seq_aux_loss_alpha * balance.seq_aux_loss(r.scores_TE, r.experts_TK, batch)
         if cfg.z_loss_coef > 0:
             losses["z"] = cfg.z_loss_coef * balance.z_loss(r.logits_TE)
         return losses
-
-
-# parameters that write into the residual stream: their init is scaled down by depth
-OUT_PROJECTIONS = ("wo.weight", "w2.weight", "experts.w2")
-
-
-@torch.no_grad()
-def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """Every matrix ~ N(0, init_std); residual output projections scaled by 1/sqrt(2 n_layers).
-
-    The one init rule: Transformer.init_weights calls it, and so can a standalone MoE or MLP.
-    Routers are random too: a zero router scores every expert alike and top-k would then
-    pick by index, not by token. RMSNorm weights (1-D) are left alone.
-    """
-    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            nn.init.normal_(p, mean=0.0, std=out_std if name.endswith(OUT_PROJECTIONS) else cfg.init_std)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

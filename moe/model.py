@@ -15,8 +15,9 @@ from torch import nn
 
 from moe.attention import RMSNorm, build_attention
 from moe.config import ModelConfig
-from moe.layer import MLP, MoE, init_weights
-from moe.rope import rope_tables
+from moe.init import init_weights
+from moe.layer import MLP, MoE
+from moe.rope import cfg_frequencies, rope_tables
 
 IGNORE_INDEX = -100  # targets with this value add no loss
 
@@ -29,7 +30,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg) if use_moe else MLP(cfg.dim, cfg.inter_dim)
+        self.ffn = MoE(cfg) if use_moe else MLP(cfg, cfg.inter_dim)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: dict | None = None, start_pos: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -58,7 +59,8 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.n_mtp))
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.mha_head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        # plain RoPE, or YaRN's frequencies when max_seq_len > original_seq_len (moe/rope.py)
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, freqs=cfg_frequencies(cfg, rope_dim))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -68,8 +70,12 @@ class Transformer(nn.Module):
             convert(self, cfg.fp8)
 
     def init_weights(self) -> None:
-        """The one init rule (moe.layer.init_weights): N(0, init_std), residual outputs scaled
-        by 1/sqrt(2 n_layers), random routers, RMSNorm weights at 1."""
+        """The one init rule (moe.init) over every matrix in parameter order.
+
+        Each module already initialised itself with the same rule; this pass adds the
+        embedding and head and draws everything in one fixed order, so a seed gives the same
+        model whatever order the modules were built in.
+        """
         init_weights(self, self.cfg)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[dict]:
@@ -83,10 +89,15 @@ class Transformer(nn.Module):
         if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor of shape (batch, seq), got "
                              f"{tokens_BS.dtype} of shape {tuple(tokens_BS.shape)}")
+        if tokens_BS.shape[0] == 0 or tokens_BS.shape[1] == 0:
+            raise ValueError(f"tokens must hold at least one sequence of at least one token, got shape "
+                             f"{tuple(tokens_BS.shape)}")
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0 (the position of the first new token), got {start_pos}")
         if start_pos + tokens_BS.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start_pos + tokens_BS.shape[1]} exceeds "
                              f"max_seq_len={self.cfg.max_seq_len}")
-        if tokens_BS.is_meta or tokens_BS.numel() == 0 or torch.compiler.is_compiling():
+        if tokens_BS.is_meta or torch.compiler.is_compiling():
             return
         lo, hi = int(tokens_BS.min()), int(tokens_BS.max())
         if lo < 0 or hi >= self.cfg.vocab_size:

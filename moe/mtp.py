@@ -19,6 +19,7 @@ from torch import nn
 
 from moe.attention import RMSNorm
 from moe.config import ModelConfig
+from moe.init import init_weights
 from moe.model import IGNORE_INDEX, Block
 
 
@@ -30,6 +31,7 @@ class MTPModule(nn.Module):
         self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = Block(cfg, use_moe=cfg.n_moe_layers > 0)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        init_weights(self.proj, cfg)  # the block initialised itself
 
     def forward(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: dict | None = None, start_pos: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -9,14 +9,10 @@ One optimizer step:
 The counts are reset after every step (and after every eval), so the bias only ever sees
 training tokens of the step it follows.
 
-A run folder OUT holds:
-  metrics.jsonl        one JSON object per optimizer step (val_* keys on eval steps)
-  LATEST               the name of the newest complete checkpoint folder
-  ckpt-00000500/       model.safetensors, config.json, train.json, state.pt, manifest.json
-  plots/               loss.png, expert_load.png (written at the end of a run)
-A checkpoint is written into a temporary folder, renamed into place, and only then named in
-LATEST (itself replaced atomically): a crash at any moment leaves the previous one loadable.
-Batches are a pure function of (seed, step), so resuming at step n continues bit for bit.
+Before anything in the run folder is touched, every input is checked: the folder is writable,
+the config and the data load, seq_len fits, the model fits in memory. The run folder's layout,
+the atomic checkpoints and the writer lock are in moe/checkpoint.py. Batches are a pure function
+of (seed, step), so resuming at step n continues bit for bit.
 """
 
 from __future__ import annotations
@@ -24,14 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,16 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.accounting import count_params
+from moe.accounting import training_state_bytes
 from moe.balance import update_bias
+from moe.checkpoint import (
+    RunLock,
+    check_out_dir,
+    checkpoint_name,
+    clear_run,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    read_metrics,
+    remove_stale_tmp,
+    save_checkpoint,
+    truncate_metrics,
+)
 from moe.cli import non_negative_float, non_negative_int, positive_float, positive_int
-from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides, with_umask
-from moe.data import Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
+from moe.config import PRESETS, ModelConfig, get_preset, parse_overrides
+from moe.data import DEFAULT_MAX_DATA_MB, Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
+from moe.device import autocast, available_bytes, resolve_device
 from moe.layer import reset_routing_stats, routing_stats
 from moe.model import Transformer
+from moe.parallel import MODES, Parallel
 
 LN2 = math.log(2.0)
-CHECKPOINT_FORMAT = 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,9 +89,15 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
     plots: bool = True  # write OUT/plots at the end
     overwrite: bool = False  # start afresh in an OUT that already holds a run
+    max_data_mb: int = DEFAULT_MAX_DATA_MB  # refuse --data files larger than this (an endless file never ends)
+    # several processes (launched by torchrun; moe/parallel.py): each has its own micro-batch of
+    # batch_size sequences, so one optimizer step sees world * batch_size * grad_accum sequences
+    parallel: str = "none"  # "none" (one process), "dp" (data parallel), "ep" (experts sharded, the rest DP)
+    ep_size: int | None = None  # "ep": processes sharing one copy of the experts (None = all of them)
+    dist_timeout: float = 300.0  # seconds a process waits for the others (to join, in a collective)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows", "max_data_mb"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -94,6 +107,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.save_interval is not None and (not isinstance(self.save_interval, int) or self.save_interval < 0):
             raise ValueError(f"save_interval must be an integer >= 0 or None, got {self.save_interval!r}")
+        if self.parallel not in MODES:
+            raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {self.parallel!r}")
+        if self.ep_size is not None and (not isinstance(self.ep_size, int) or self.ep_size <= 0):
+            raise ValueError(f"ep_size must be a positive integer or None, got {self.ep_size!r}")
+        if not (isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0):
+            raise ValueError(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if self.stop_at is not None and (not isinstance(self.stop_at, int) or self.stop_at <= 0):
@@ -128,31 +147,10 @@ class TrainResult:
     unigram_loss: float | None = None  # nats per byte of the train-frequency baseline on val
     stopped_early: bool = False  # stop_at or Ctrl-C: --resume continues
     interrupted: bool = False  # Ctrl-C (SIGINT) ended the run, after a checkpoint
+    rank: int = 0  # under --parallel: this process (its model holds only its experts under EP)
 
 
 # ------------------------------------------------------------------------------ small pieces
-def resolve_device(name: str = "auto") -> torch.device:
-    """cuda if available, else cpu; an explicit request that cannot be met is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow on many CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
     if step < tc.warmup_steps:
@@ -197,207 +195,7 @@ def evaluate(model: Transformer, corpus: Corpus, seq_len: int, n_windows: int, b
     return out
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with shared tensors stored once (tied embeddings), plus alias -> owner.
-
-    safetensors refuses two names for one storage; the alias map restores them on load.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
-    return tensors, aliases
-
-
-def _checkpoint_name(step: int) -> str:
-    return f"ckpt-{step:08d}"
-
-
-def latest_checkpoint(out: str) -> str | None:
-    """The folder named in OUT/LATEST, or None when OUT holds no checkpoint."""
-    latest = os.path.join(out, "LATEST")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest, encoding="utf-8") as f:
-        return os.path.join(out, f.read().strip())
-
-
-def save_checkpoint(out: str, model: Transformer, optimizer: torch.optim.Optimizer, step: int,
-                    tc: TrainConfig, extra: dict[str, Any]) -> str:
-    """Write OUT/ckpt-<step> atomically, point LATEST at it, then delete the older ones."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out, exist_ok=True)
-    name = _checkpoint_name(step)
-    final = os.path.join(out, name)
-    if latest_checkpoint(out) == final and os.path.isdir(final):
-        return final  # this step is already saved (the state cannot have changed since)
-    if os.path.exists(final):
-        shutil.rmtree(final)  # a leftover of a crash between rename and LATEST: never referenced
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
-    os.chmod(tmp, with_umask(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
-        tensors, aliases = _unique_tensors(model)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": f"moe-{CHECKPOINT_FORMAT}", "aliases": json.dumps(aliases)})
-        atomic_write_text(os.path.join(tmp, "config.json"), model.cfg.to_json() + "\n")
-        atomic_write_text(os.path.join(tmp, "train.json"), json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                 **extra}
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        names = ("model.safetensors", "config.json", "train.json", "state.pt")
-        for f in names:
-            os.chmod(os.path.join(tmp, f), with_umask(0o666))
-        files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
-                 for f in names}
-        atomic_write_text(os.path.join(tmp, "manifest.json"),
-                          json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files}, indent=2) + "\n")
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(os.path.join(out, "LATEST"), name + "\n")
-    for entry in os.listdir(out):
-        if entry.startswith("ckpt-") and entry != name:
-            shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
-    return final
-
-
-@dataclass
-class Checkpoint:
-    path: str  # the ckpt-<step> folder
-    config: ModelConfig
-    step: int
-    tensors: dict[str, torch.Tensor]  # weights and persistent buffers (router bias), on CPU
-    aliases: dict[str, str]  # tied names -> the stored name
-    state: dict[str, Any]  # optimizer, rng, data position, elapsed time
-    train_config: dict[str, Any]
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A run folder (via its LATEST) or a ckpt-* folder itself -> the checkpoint folder."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"run folder not found: {path}")
-    if os.path.isfile(os.path.join(path, "manifest.json")):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {path} (no LATEST file): train one first with "
-                                f"python -m moe train --out {path}")
-    if not os.path.isdir(latest):
-        raise FileNotFoundError(f"{os.path.join(path, 'LATEST')} names {os.path.basename(latest)}, "
-                                "which is missing")
-    return latest
-
-
-def load_checkpoint(path: str, expect_config: ModelConfig | None = None) -> Checkpoint:
-    """Read and verify a checkpoint (sizes and sha256 of every file) before trusting any of it."""
-    from safetensors import safe_open
-
-    folder = resolve_checkpoint(path)
-    manifest_path = os.path.join(folder, "manifest.json")
-    if not os.path.isfile(manifest_path):
-        raise FileNotFoundError(f"checkpoint {folder} has no manifest.json")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise ValueError(f"checkpoint file {manifest_path} is corrupt (not a valid manifest)") from None
-    for fname, info in files.items():
-        fpath = os.path.join(folder, fname)
-        if not os.path.isfile(fpath):
-            raise FileNotFoundError(f"checkpoint file missing: {fpath}")
-        if os.path.getsize(fpath) != info["bytes"] or _sha256(fpath) != info["sha256"]:
-            raise ValueError(f"checkpoint file {fpath} is corrupt (size or sha256 differs from manifest.json)")
-    try:
-        config = ModelConfig.load(os.path.join(folder, "config.json"))
-    except ValueError as e:
-        raise ValueError(f"checkpoint config {os.path.join(folder, 'config.json')} is invalid: {e}") from None
-    if expect_config is not None and expect_config != config:
-        raise ValueError(f"checkpoint {folder} was trained with a different model config: "
-                         f"{config_diff(config, expect_config)}")
-    weights = os.path.join(folder, "model.safetensors")
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        aliases = json.loads(meta.get("aliases", "{}"))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"checkpoint file {weights} is corrupt: {e}") from None
-    try:
-        state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
-        with open(os.path.join(folder, "train.json"), encoding="utf-8") as f:
-            train_config = json.load(f)
-    except Exception as e:
-        raise ValueError(f"checkpoint state in {folder} is corrupt: {e}") from None
-    return Checkpoint(folder, config, int(state["step"]), tensors, aliases, state, train_config)
-
-
-def config_diff(found: ModelConfig, expected: ModelConfig) -> str:
-    a, b = found.to_dict(), expected.to_dict()
-    return "; ".join(f"{k}: checkpoint {a[k]!r}, requested {b[k]!r}" for k in a if a[k] != b[k])
-
-
-def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
-    """Copy checkpoint tensors into the model, naming any missing, extra or misshapen tensor."""
-    tensors = dict(ckpt.tensors)
-    for alias, owner in ckpt.aliases.items():
-        if owner in tensors:
-            tensors[alias] = tensors[owner]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
-              for k in own if k in tensors and tensors[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = [f"missing tensors {missing}"] * bool(missing) + [f"unexpected tensors {extra}"] * bool(extra)
-        parts += [f"shape mismatch {s}" for s in shapes]
-        raise ValueError(f"checkpoint {ckpt.path} does not match the model config: " + "; ".join(parts))
-    model.load_state_dict(tensors, strict=True)
-
-
-def load_model(path: str, device: str | torch.device = "cpu") -> tuple[Transformer, Checkpoint]:
-    """A trained model from a run folder (or a ckpt-* folder), in eval mode, on device."""
-    ckpt = load_checkpoint(path)
-    model = Transformer(ckpt.config)
-    load_weights(model, ckpt)
-    device = resolve_device(device) if isinstance(device, str) else device
-    return model.to(device).eval(), ckpt
-
-
 # ------------------------------------------------------------------------------ metrics
-def read_metrics(out: str) -> list[dict[str, Any]]:
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
-                    records.append(json.loads(line))
-    return records
-
-
 def _clean(v: Any) -> Any:
     """Floats rounded for a readable log; NaN/inf as strings (JSON has no literal for them)."""
     if isinstance(v, float):
@@ -429,53 +227,127 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+class Progress:
+    """A tqdm bar on a terminal or in a notebook; in a log file or a pipe, where a bar's
+    carriage-return frames would pile up, a plain line every `every` steps instead."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, every: int | None = None):
+        from tqdm.auto import tqdm
+
+        interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and interactive), unit="step",
+                        dynamic_ncols=True, desc=desc)
+        self.lines = enabled and not interactive
+        self.total, self.desc = total, desc
+        self.every = every or max(1, total // 20)
+
+    def step(self, step: int, postfix: dict[str, str]) -> None:
+        if self.lines and (step % self.every == 0 or step == self.total):
+            print(f"{self.desc}: step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()),
+                  file=sys.stderr, flush=True)
+        self.bar.update(1)
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # ------------------------------------------------------------------------------ the loop
 def train(tc: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = False) -> TrainResult:
     """Train (or, with resume=True, continue the run in tc.out) and return the final state.
 
     Raises TrainingDiverged on a NaN/inf loss, leaving the last checkpoint in place.
     """
+    from moe import parallel
+
     tc.validate()
     threads = torch.get_num_threads()
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
+    ps = parallel.setup(tc.parallel, tc.ep_size, resolve_device(tc.device), tc.dist_timeout)
     try:
-        return _train(tc, model_cfg, resume)
+        return _train(tc, model_cfg, resume, ps)
     finally:
+        parallel.teardown(ps)
         torch.set_num_threads(threads)
 
 
-def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> TrainResult:
-    from tqdm.auto import tqdm
+def check_memory(cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose fp32 weights, gradients and AdamW moments cannot fit, before allocating it."""
+    from moe.accounting import human
 
+    need = training_state_bytes(cfg, "fp32-adamw")["total"]
+    have = available_bytes(device)
+    if have is None or need <= have:
+        return
+    n = need / training_state_bytes(cfg, "fp32-adamw")["bytes_per_param"]
+    raise ValueError(
+        f"this model has {human(n)} parameters (MTP included): training it needs about {need / 1e9:,.1f} GB "
+        f"for fp32 weights, gradients and AdamW moments alone, but {device} has {have / 1e9:,.1f} GB available, "
+        f"enough for about {human(have / 16)} parameters. To count a large model without allocating it, use "
+        "python -m moe calc --preset NAME (or build it under torch.device('meta'))")
+
+
+def _prepare(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool):
+    """Every check that can fail on bad input, before the run folder is touched."""
     device = resolve_device(tc.device)
-    out = tc.out
+    check_out_dir(tc.out)
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(out, expect_config=model_cfg)
+        ckpt = load_checkpoint(tc.out, expect_config=model_cfg)
         model_cfg = ckpt.config
     else:
         model_cfg = model_cfg or PRESETS["toy"]
-        existing = latest_checkpoint(out) if os.path.isdir(out) else None
+        existing = latest_checkpoint(tc.out) if os.path.isdir(tc.out) else None
         if existing is not None and not tc.overwrite:
-            raise ValueError(f"{out} already holds a run ({os.path.basename(existing)}); continue it with "
-                             f"--resume {out}, start over with --overwrite, or pick another --out")
-        if tc.overwrite and os.path.isdir(out):
-            _clear_run(out)
+            raise ValueError(f"{tc.out} already holds a run ({os.path.basename(existing)}); continue it with "
+                             f"--resume {tc.out}, start over with --overwrite, or pick another --out")
     if tc.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={tc.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
-    corpus = load_corpus(tc.data, tc.seq_len)
-    unigram = unigram_loss(corpus)
+    start_step = ckpt.step if ckpt is not None else 0
+    end_step = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
+    if end_step <= start_step:
+        raise ValueError(f"{tc.out} is already at step {start_step}: pass --steps larger than {start_step} "
+                         "to train further")
+    check_memory(model_cfg, device)
+    corpus = load_corpus(tc.data, tc.seq_len, max_bytes=tc.max_data_mb * 2**20)
+    return device, model_cfg, ckpt, corpus
 
+
+def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool, ps: Parallel) -> TrainResult:
+    with contextlib.ExitStack() as stack:
+        if ps.is_main and os.path.isdir(tc.out):  # lock before reading: another writer may be mid-save
+            stack.enter_context(RunLock(tc.out))
+        device, model_cfg, ckpt, corpus = _prepare(tc, model_cfg, resume)  # every rank checks the same inputs
+        ps.check_config(model_cfg)
+        ps.barrier()  # every rank has read the run folder before rank 0 changes it
+        if ps.is_main:
+            if not os.path.isdir(tc.out):
+                os.makedirs(tc.out)
+                stack.enter_context(RunLock(tc.out))
+            remove_stale_tmp(tc.out)
+            if tc.overwrite and not resume:
+                clear_run(tc.out)
+        return _loop(tc, model_cfg, ckpt, corpus, ps.local_device(device), ps)
+
+
+def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device: torch.device,
+          ps: Parallel) -> TrainResult:
+    out = tc.out
+    unigram = unigram_loss(corpus)
     torch.manual_seed(tc.seed)
-    model = Transformer(model_cfg)
+    model = Transformer(model_cfg)  # the same seed on every rank: the same replicated weights
     start_step, elapsed, tokens_seen = 0, 0.0, 0
     if ckpt is not None:
-        load_weights(model, ckpt)
+        load_weights(model, ckpt)  # a checkpoint always holds the full model
+    ps.parallelize(model)  # under EP: keep this rank's experts only
     model.to(device).train()
     optimizer = build_optimizer(model, tc)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt.state["optimizer"])
+        optimizer.load_state_dict(ps.shard_optimizer_state(ckpt.state["optimizer"], model, optimizer))
         torch.set_rng_state(ckpt.state["rng"]["torch"])
         if device.type == "cuda" and ckpt.state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt.state["rng"]["cuda"])
@@ -484,15 +356,13 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
         tokens_seen = int(ckpt.state.get("tokens", 0))
         if ckpt.state.get("data", {}).get("fingerprint") != corpus.fingerprint():
             print(f"warning: resuming {out} on different training data than it started with", file=sys.stderr)
-    os.makedirs(out, exist_ok=True)
-    _truncate_metrics(out, start_step)
+    if ps.is_main:
+        truncate_metrics(out, start_step)
 
     end_step = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
-    if end_step <= start_step:
-        raise ValueError(f"{out} is already at step {start_step}: pass --steps larger than {start_step} "
-                         "to train further")
     save_every = tc.eval_interval if tc.save_interval is None else tc.save_interval
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    B = tc.batch_size
+    tokens_per_step = ps.world * B * tc.seq_len * tc.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
     last_ckpt = ckpt.path if ckpt is not None else None
     last: dict[str, Any] = {}
@@ -501,13 +371,16 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
     interrupted = False
 
     def checkpoint() -> str:
-        extra = {"elapsed_s": elapsed, "tokens": tokens_seen,
+        extra = {"elapsed_s": elapsed, "tokens": tokens_seen, "world_size": ps.world,
                  "data": {"fingerprint": corpus.fingerprint(), "seed": tc.seed, "next_step": step}}
-        return save_checkpoint(out, model, optimizer, step, tc, extra)
+        model_state, optimizer_state = ps.full_state(model, optimizer)  # experts gathered (every rank calls)
+        if not ps.is_main:
+            return os.path.join(out, checkpoint_name(step))
+        return save_checkpoint(out, model, optimizer, step, dataclasses.asdict(tc), extra,
+                               model_state=model_state, optimizer_state=optimizer_state)
 
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not tc.progress, unit="step", dynamic_ncols=True,
-               desc=f"train {os.path.basename(os.path.normpath(out))}")
-    metrics_file = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+    bar = Progress(tc.steps, start_step, tc.progress and ps.is_main, f"train {os.path.basename(os.path.normpath(out))}")
+    metrics_file = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") if ps.is_main else None  # noqa: SIM115
     try:
         with _StopFlag() as stop:
             while step < end_step:
@@ -517,7 +390,9 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
                     group["lr"] = lr
                 terms: dict[str, float] = {}
                 for micro in range(tc.grad_accum):
-                    x_BS, y_BS = get_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, micro)
+                    # the global micro-batch of world * B sequences; this rank takes its B rows
+                    x_BS, y_BS = get_batch(corpus.train, ps.world * B, tc.seq_len, tc.seed, step, micro)
+                    x_BS, y_BS = x_BS[ps.rank * B:(ps.rank + 1) * B], y_BS[ps.rank * B:(ps.rank + 1) * B]
                     with autocast(device):
                         _, losses = model(x_BS.to(device), y_BS.to(device))
                     loss = losses["loss"]
@@ -527,11 +402,14 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
                     (loss / tc.grad_accum).backward()
                     for k, v in losses.items():
                         terms[k] = terms.get(k, 0.0) + float(v.detach()) / tc.grad_accum
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf")))
+                ps.reduce_gradients(model)  # the gradient of the mean loss over every rank's micro-batch
+                terms = ps.mean(terms)
+                grad_norm = ps.clip_grad_norm_(model, params, tc.grad_clip or float("inf"))
                 if not math.isfinite(grad_norm):
                     raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, step + 1, last_ckpt))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                ps.all_reduce_routing_stats(model)  # the global load: every rank's bias moves alike
                 stats = routing_stats(model)  # counts of this step's micro-batches
                 update_bias(model)
                 reset_routing_stats(model)
@@ -545,36 +423,40 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> Trai
                                           "load_max_over_mean": stats["max_over_mean_load"]}
                 if model_cfg.capacity_factor is not None:
                     record["dropped"] = stats["dropped"]
-                is_last = step == end_step or stop.requested
+                stop_now = ps.any(stop.requested)  # a Ctrl-C seen by one rank stops every rank
+                is_last = step == end_step or stop_now
                 if is_last or (tc.eval_interval and step % tc.eval_interval == 0):
                     record["tokens_per_expert"] = stats["tokens_per_expert"]
                     # no activations are kept for backward, so 4x the training batch fits
                     record.update(evaluate(model, corpus, tc.seq_len, tc.eval_windows, 4 * tc.batch_size, device))
                     record["unigram_loss"] = unigram
                     val_loss = record["val_loss"]
-                    bar.write(_eval_line(record, unigram))
-                metrics_file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-                metrics_file.flush()
+                    if ps.is_main:
+                        bar.write(_eval_line(record, unigram))
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+                    metrics_file.flush()
                 last = record
-                bar.update(1)
                 postfix = {"loss": f"{terms['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                 if val_loss is not None:
                     postfix["val"] = f"{val_loss:.3f}"
-                bar.set_postfix(postfix, refresh=False)
+                bar.step(step, postfix)
                 if is_last or (save_every and step % save_every == 0):
                     last_ckpt = checkpoint()
-                if stop.requested:
+                if stop_now:
                     interrupted = True
-                    bar.write(f"interrupted: checkpoint saved at step {step}; continue with "
-                              f"python -m moe train --resume {out}")
+                    if ps.is_main:
+                        bar.write(f"interrupted: checkpoint saved at step {step}; continue with "
+                                  f"python -m moe train --resume {out}")
                     break
     finally:
         bar.close()
-        metrics_file.close()
-    if tc.plots and step > start_step:
+        if metrics_file is not None:
+            metrics_file.close()
+    if tc.plots and step > start_step and ps.is_main:
         write_plots(out)
     return TrainResult(model, out, step, last_ckpt, last, val_loss, unigram, stopped_early=step < tc.steps,
-                       interrupted=interrupted)
+                       interrupted=interrupted, rank=ps.rank)
 
 
 def _diverged_message(what: str, value: float, step: int, last_ckpt: str | None) -> str:
@@ -591,24 +473,6 @@ def _eval_line(record: dict[str, Any], unigram: float) -> str:
         parts.append("(" + ", ".join(per) + ")")
     parts.append(f"| unigram baseline {unigram:.3f} ({unigram / LN2:.2f} bits)")
     return " ".join(parts)
-
-
-def _truncate_metrics(out: str, step: int) -> None:
-    """Drop records past the checkpoint we resume from (logged after its last save)."""
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    kept = [r for r in read_metrics(out) if isinstance(r.get("step"), int) and r["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _clear_run(out: str) -> None:
-    for entry in os.listdir(out):
-        p = os.path.join(out, entry)
-        if entry.startswith(("ckpt-", ".tmp-ckpt-")) and os.path.isdir(p):
-            shutil.rmtree(p)
-        elif entry in ("LATEST", "metrics.jsonl"):
-            os.unlink(p)
 
 
 def moe_layer_names(cfg: ModelConfig) -> list[str]:
@@ -646,7 +510,8 @@ _TRAIN_FLAGS = {"steps": "steps", "stop_at": "stop_at", "batch_size": "batch_siz
                 "grad_accum": "grad_accum", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup_steps",
                 "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
                 "eval_windows": "eval_windows", "save_interval": "save_interval", "seed": "seed",
-                "device": "device", "threads": "threads", "data": "data"}
+                "device": "device", "threads": "threads", "data": "data", "max_data_mb": "max_data_mb",
+                "parallel": "parallel", "ep_size": "ep_size", "dist_timeout": "dist_timeout"}
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig | None:
@@ -668,7 +533,9 @@ def run_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume {args.resume} continues in its own folder; drop --out {args.out}")
         ckpt = load_checkpoint(args.resume, expect_config=cfg)
         base = TrainConfig.from_dict(ckpt.train_config)
-        base = dataclasses.replace(base, out=args.resume, stop_at=None, overwrite=False)
+        # how the run was launched is not kept: a resume runs as it is launched now
+        base = dataclasses.replace(base, out=args.resume, stop_at=None, overwrite=False, parallel="none",
+                                   ep_size=None)
     else:
         base = TrainConfig(out=args.out or "runs/train", overwrite=args.overwrite)
     changes = {f: getattr(args, a) for a, f in _TRAIN_FLAGS.items() if getattr(args, a) is not None}
@@ -682,7 +549,8 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(summary_text(result))
+    if result.rank == 0:
+        print(summary_text(result))
     return 130 if result.interrupted else 0  # the shell's code for Ctrl-C: `make` and `&&` stop
 
 
@@ -705,46 +573,6 @@ def summary_text(result: TrainResult) -> str:
     if os.path.isdir(os.path.join(result.out, "plots")):
         lines.append(f"plots: {os.path.join(result.out, 'plots')}")
     return "\n".join(lines)
-
-
-def run_info(args: argparse.Namespace) -> int:
-    info = run_info_dict(args.run)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"run: {args.run}")
-    print(f"checkpoint: {info['checkpoint']} (step {info['step']})")
-    p = info["params"]
-    line = f"parameters: total {_human(p['total'])}, active per token {_human(p['active'])}"
-    if p.get("mtp"):
-        line += f", MTP modules {_human(p['mtp'])}"
-    print(line)
-    print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
-    if info["last_metrics"]:
-        m = info["last_metrics"]
-        keys = [k for k in ("step", "loss", "ce", "mtp", "val_loss", "tokens", "elapsed_s") if k in m]
-        print("last metrics: " + ", ".join(f"{k}={m[k]}" for k in keys))
-    if info.get("last_val"):
-        lv = info["last_val"]
-        print("last eval: " + ", ".join(f"{k}={v}" for k, v in lv.items()))
-    return 0
-
-
-def run_info_dict(run: str) -> dict[str, Any]:
-    ckpt = load_checkpoint(run)
-    records = read_metrics(run if not os.path.isfile(os.path.join(run, "manifest.json")) else os.path.dirname(run))
-    evals = [r for r in records if "val_loss" in r]
-    last_val = ({k: v for k, v in evals[-1].items() if k == "step" or k.startswith("val_loss")} if evals else {})
-    return {"checkpoint": ckpt.path, "step": ckpt.step, "config": ckpt.config.to_dict(),
-            "params": count_params(ckpt.config), "train_config": ckpt.train_config,
-            "last_metrics": records[-1] if records else {}, "last_val": last_val}
-
-
-def _human(n: float) -> str:
-    for div, sfx in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.2f}{sfx}"
-    return str(int(n))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -771,7 +599,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-at", type=positive_int, default=None,
                    help="stop after this step with a checkpoint (the schedule still spans --steps)")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help=f"sequences per micro-batch (default: {d.batch_size})")
+                   help=f"sequences per micro-batch, per process under --parallel (default: {d.batch_size})")
     p.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
     p.add_argument("--grad-accum", type=positive_int, default=None,
                    help=f"micro-batches per step (default: {d.grad_accum})")
@@ -795,14 +623,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: one per core). Small models on a busy machine "
                         "often run faster with 1")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--max-data-mb", type=positive_int, default=None,
+                   help=f"refuse a --data file larger than this many MiB (default: {d.max_data_mb})")
+    par = p.add_argument_group(
+        "several processes", "Launch with torchrun, one process per CPU share or GPU: torchrun --nproc_per_node N "
+        "-m moe train --parallel ep ... Each process trains on its own --batch-size sequences, so an optimizer "
+        "step sees N x batch-size x grad-accum sequences (the effective batch; the learning rate is not "
+        "rescaled). Process 0 writes the metrics, the checkpoints and the plots; a checkpoint always holds the "
+        "full model, loadable by one process, and a run can resume under another N (docs/parallel.md).")
+    par.add_argument("--parallel", choices=MODES, default=None,
+                     help="none: one process (default); dp: data parallel, every process holds the whole model; "
+                          "ep: expert parallel, the routed experts are split over the processes (tokens travel "
+                          "to their experts by all-to-all), everything else is data parallel")
+    par.add_argument("--ep-size", type=positive_int, default=None,
+                     help="with --parallel ep: processes that share one copy of the experts, each holding "
+                          "n_routed_experts / ep-size of them (default: all N); N / ep-size copies then train "
+                          "data parallel")
+    par.add_argument("--dist-timeout", type=positive_float, default=None,
+                     help=f"seconds a process waits for the others, to start or in a collective, before it "
+                          f"fails with an error (default: {d.dist_timeout:g})")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (on a terminal a tqdm bar; in a log or pipe a line every 5%% of the steps)")
     p.add_argument("--no-plots", action="store_true", help="do not write OUT/plots at the end")
     p.set_defaults(func=run_train)
 
-    q = subparsers.add_parser(
-        "info", help="show a run's config, parameter counts and last metrics",
-        description="Print the model config, total/active parameters, checkpoint step and last metrics of "
-                    "a run folder. Example: python -m moe info runs/demo")
-    q.add_argument("run", metavar="OUT", help="run folder written by train (or one of its ckpt-* folders)")
-    q.add_argument("--json", action="store_true", help="print everything as JSON")
-    q.set_defaults(func=run_info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -106,8 +107,19 @@ def _bad_train_cases(tmp_path, files):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{dim: 3")
     out = str(tmp_path / "x")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"attn": "m\xe9a"}'.encode("latin-1"))
     base = ["train", "--out", out, "--config", files["cfg"], "--data", files["text"]]
     cases = [
+        (["train", "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+        (["train", "--out", str(a_file / "run")], f"cannot be created: {a_file} is a file"),
+        (["train", "--out", out, "--preset", "deepseek-v3"], "training it needs about"),
+        ([*base, "--data", "/dev/zero", "--max-data-mb", "1", "--seq-len", "16"], "data file is larger than 1 MiB"),
+        ([*base, "--max-data-mb", "0"], "argument --max-data-mb: expected a positive integer"),
+        (["train", "--out", out, "--config", str(latin1)], "latin1.json is not UTF-8"),
+        ([*base, "--set", "capacity_factor=inf"], "capacity_factor must be a finite number or None, got inf"),
         (["train", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
         (["train", "--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
         (["train", "--batch-size", "-3"], "argument --batch-size: expected a positive integer"),
@@ -185,13 +197,15 @@ def test_training_into_an_existing_run_needs_a_choice(run_dir, files, capsys):
     (["--seed", "x"], "argument --seed: invalid int value"),
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "x" * 100], "the prompt is 100 tokens but the model's max_seq_len is 64"),
+    (["--prompt", "x" * 64], "max_seq_len is 64, which leaves no room for a new token"),
     (["--speculative"], "--speculative needs an MTP module"),
     (["--device", "quantum"], "unknown device 'quantum'"),
 ])
 def test_bad_generate_flags(run_dir, flags, message, capsys):
-    code, _, stderr = run(["generate", run_dir, "--device", "cpu", *flags] if "--device" not in flags
-                          else ["generate", run_dir, *flags], capsys)
+    code, stdout, stderr = run(["generate", run_dir, "--device", "cpu", *flags] if "--device" not in flags
+                               else ["generate", run_dir, *flags], capsys)
     assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert stdout == ""  # nothing (not even the prompt) is printed before the input is checked
 
 
 def test_generate_and_info_on_missing_or_broken_runs(tmp_path, run_dir, capsys):
@@ -200,3 +214,76 @@ def test_generate_and_info_on_missing_or_broken_runs(tmp_path, run_dir, capsys):
         assert code == 2 and "run folder not found" in stderr
         code, _, stderr = run([command, str(tmp_path)], capsys)
         assert code == 2 and "no checkpoint in" in stderr
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_clear_line(tmp_path, files, capsys, monkeypatch):
+    import errno
+
+    from moe import checkpoint
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_write_durable", full)
+    code, _, stderr = run(["train", "--config", files["cfg"], "--data", files["text"], "--steps", "2",
+                           "--out", str(tmp_path / "run"), *FAST], capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert "model.safetensors: cannot write checkpoint (No space left on device)" in stderr
+
+
+def test_an_unwritable_corpus_cache_falls_back_to_memory(tmp_path, monkeypatch, capsys):
+    from moe import data
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    monkeypatch.setenv("MOE_CACHE_DIR", str(a_file / "cache"))  # cannot be created: a file is in the way
+    corpus = data.load_embedded_corpus()
+    assert len(corpus.train) > 100_000 and corpus.domains == ("prose", "code")
+    assert "warning: cannot cache the corpus" in capsys.readouterr().err
+
+
+def _fake_generate(tokens: list[int], interrupt: bool = False):
+    """A stand-in for moe.generate.generate that emits the given bytes (then Ctrl-C, if asked)."""
+    def fake(model, prompt, max_new_tokens, *args, on_token=None, **kwargs):
+        for t in tokens:
+            if on_token is not None:
+                on_token(t)
+        if interrupt:
+            raise KeyboardInterrupt
+        return list(tokens)
+    return fake
+
+
+def test_control_bytes_are_escaped_on_a_terminal_unless_raw(run_dir, capsys, monkeypatch):
+    from moe import generate as gen
+
+    monkeypatch.setattr(gen, "generate", _fake_generate([27, 91, 50, 74, 7, 10]))  # ESC [2J BEL \n
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    for stream in ([], ["--no-stream"]):
+        code, stdout, _ = run(["generate", run_dir, "--device", "cpu", "--prompt", "x", *stream], capsys)
+        assert code == 0 and stdout.startswith("x\\x1b[2J\\x07\n") and "\x1b" not in stdout
+        code, stdout, _ = run(["generate", run_dir, "--device", "cpu", "--prompt", "x", "--raw", *stream], capsys)
+        assert code == 0 and stdout.startswith("x\x1b[2J\x07\n")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # a pipe or file gets the bytes
+    code, stdout, _ = run(["generate", run_dir, "--device", "cpu", "--prompt", "x"], capsys)
+    assert code == 0 and stdout.startswith("x\x1b[2J")
+
+
+def test_ctrl_c_while_generating_exits_130_without_a_traceback(run_dir, capsys, monkeypatch):
+    from moe import generate as gen
+
+    monkeypatch.setattr(gen, "generate", _fake_generate([104, 105], interrupt=True))
+    code, stdout, stderr = run(["generate", run_dir, "--device", "cpu", "--prompt", "x"], capsys)
+    assert code == 130 and stdout == "xhi\n" and "[interrupted]" in stderr and "Traceback" not in stderr
+
+
+def test_generation_cut_by_max_seq_len_says_so(run_dir, capsys):
+    code, stdout, stderr = run(["generate", run_dir, "--device", "cpu", "--prompt", "x" * 60,
+                                "--max-new-tokens", "10"], capsys)
+    assert code == 0 and "[4 tokens in" in stderr and "stopped at max_seq_len=64" in stderr
+
+
+def test_generate_help_shows_true_defaults(capsys):
+    code, stdout, _ = run(["generate", "--help"], capsys)
+    assert code == 0 and "(default: True)" not in stdout and "(default: False)" not in stdout
+    assert "--raw" in stdout and "(default: stream tokens as they come)" in " ".join(stdout.split())

@@ -97,3 +97,55 @@ def test_dense_baseline_matches_active_ffn_width():
     assert dense.n_dense_layers == dense.n_layers == cfg.n_layers
     assert dense.inter_dim == (8 + 1) * 2048
     assert dense_baseline(dense) == dense
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        # booleans: a JSON string "false" would be truthy and train the opposite of what info prints
+        ({"tie_embeddings": "false"}, "tie_embeddings must be true or false"),
+        ({"norm_topk_prob": "no"}, "norm_topk_prob must be true or false"),
+        ({"norm_topk_prob": 1}, "norm_topk_prob must be true or false"),
+        # numbers of the wrong type used to surface as TypeError tracebacks
+        ({"capacity_factor": "1.0"}, "capacity_factor must be a finite number or None"),
+        ({"qk_nope_head_dim": True}, "qk_nope_head_dim must be an integer"),
+        ({"dim": 128.0}, "dim must be an integer"),
+        ({"n_kv_heads": 2.0}, "n_kv_heads must be an integer or None"),
+        ({"attn": None}, "attn must be a string"),
+        # NaN passes `< 0` checks; inf overflowed in the capacity computation
+        ({"capacity_factor": float("inf")}, "capacity_factor must be a finite number"),
+        ({"norm_eps": float("nan")}, "norm_eps must be a finite number"),
+        ({"bias_update_speed": float("nan")}, "bias_update_speed must be a finite number"),
+        ({"route_scale": float("-inf")}, "route_scale must be a finite number"),
+        ({"mtp_loss_weight": -0.1}, "mtp_loss_weight must be a finite number >= 0"),
+    ],
+)
+def test_every_field_is_type_checked_and_finite(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict({**TOY.to_dict(), **changes})
+
+
+def test_set_overrides_reject_non_finite_numbers():
+    for raw in ("inf", "nan", "-inf"):
+        with pytest.raises(ValueError, match="capacity_factor must be a finite number"):
+            TOY.replace(**parse_overrides([f"capacity_factor={raw}"]))
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"dim": 128, "attn": "m\xe9a"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config file .*latin1.json is not UTF-8"):
+        ModelConfig.load(bad)
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"tie_embeddings": "false"}))
+    with pytest.raises(ValueError, match=r"config file .*typed.json: tie_embeddings must be true or false"):
+        ModelConfig.load(typed)
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"bias_update_speed": NaN}')  # Python's json accepts the literal; we must not
+    with pytest.raises(ValueError, match="bias_update_speed must be a finite number"):
+        ModelConfig.load(nan)
+
+
+def test_deepseek_presets_use_the_published_init_std():
+    for name in ("deepseek-v3", "deepseek-v2", "deepseek-v2-lite"):
+        assert PRESETS[name].init_std == 0.006, name

@@ -15,6 +15,7 @@ from torch import nn
 from moe import fp8
 from moe.config import PRESETS, ModelConfig, parse_overrides
 from moe.experts import Experts, experts_loop, sort_by_expert
+from moe.layer import MoE
 from moe.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -422,15 +423,14 @@ def test_config_field_and_cli_override():
 
 @pytest.mark.slow
 def test_fp8_run_trains_saves_loads_and_generates(tmp_path):
+    from moe.checkpoint import load_model, read_metrics
     from moe.generate import generate
-    from moe.train import TrainConfig, load_model, train
+    from moe.train import TrainConfig, train
 
     tc = TrainConfig(out=str(tmp_path / "fp8"), steps=30, batch_size=4, seq_len=32, lr=1e-2, min_lr=1e-3,
                      warmup_steps=3, eval_interval=30, eval_windows=4, device="cpu", progress=False, plots=False,
                      threads=1)
     result = train(tc, TINY.replace(fp8="blockwise"))
-    from moe.train import read_metrics
-
     losses = [r["ce"] for r in read_metrics(tc.out)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
@@ -464,3 +464,35 @@ def test_experiment_quick_writes_figures_and_results(tmp_path):
     assert {r["recipe"] for r in res["training"]["runs"]} == {"none", "bf16", "blockwise", "tensorwise"}
     assert 0.74 < res["memory"]["weight_saving_fp8_vs_fp32"] < 0.75
     assert 0.1 < res["memory"]["train_state_saving_deepseek_vs_fp32_adamw"] < 0.15
+
+
+def _ep_fp8_layer(rank: int, world: int) -> dict:
+    from moe import parallel
+
+    from .test_parallel import LAYER_CFG
+
+    ps = parallel.setup("ep", None, torch.device("cpu"), timeout_s=60)
+    torch.manual_seed(0)
+    layer = ps.parallelize(fp8.convert(MoE(LAYER_CFG.replace(dim=160)), "blockwise"))
+    x = torch.randn(world * 2, 40, 160, generator=torch.Generator().manual_seed(1))[2 * rank:2 * rank + 2]
+    x.requires_grad_()
+    y, _ = layer(x)
+    y.square().sum().backward()
+    out = {"y": y.detach(), "gx": x.grad, "fp8": layer.experts.fp8}
+    parallel.teardown(ps)
+    return out
+
+
+@pytest.mark.slow
+def test_expert_parallel_keeps_the_fp8_recipe(tmp_path):
+    from .test_parallel import LAYER_CFG, run_ranks
+
+    ranks = run_ranks(2, _ep_fp8_layer, tmp_path=tmp_path)
+    torch.manual_seed(0)
+    layer = fp8.convert(MoE(LAYER_CFG.replace(dim=160)), "blockwise")
+    x = torch.randn(4, 40, 160, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    y, _ = layer(x)
+    y.square().sum().backward()
+    assert all(r["fp8"] == fp8.Recipe("blockwise") for r in ranks)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["gx"] for r in ranks]), x.grad, rtol=1e-4, atol=1e-5)

@@ -12,15 +12,12 @@ from moe.layer import MLP, MoE, reset_routing_stats, routing_stats
 
 
 def make_moe(seed=0, **kw) -> MoE:
+    # init_std 0.3 (training uses 0.02) spreads the router scores, so top-k choices are not near-ties
     base = dict(dim=16, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=8, n_shared_experts=1,
-                n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5)
+                n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, init_std=0.3)
     base.update(kw)
     torch.manual_seed(seed)
-    m = MoE(ModelConfig(**base))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return MoE(ModelConfig(**base))
 
 
 def test_moe_output_is_routed_experts_plus_shared():

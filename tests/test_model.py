@@ -1,5 +1,7 @@
 """Transformer: parameter count, errors, init, overfitting, caches, MTP, compile, GPU."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,19 @@ def test_bad_inputs_fail_clearly():
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_cache(1), start_pos=47)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0), (0, 0)])
+def test_an_empty_batch_is_a_clear_error(shape):
+    model = Transformer(SMALL)
+    with pytest.raises(ValueError, match=re.escape(f"at least one sequence of at least one token, got shape {shape}")):
+        model(torch.zeros(shape, dtype=torch.long))
+
+
+def test_a_negative_start_pos_is_a_clear_error():
+    model = Transformer(SMALL)
+    with pytest.raises(ValueError, match="start_pos must be >= 0"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_cache(1), start_pos=-1)
 
 
 def test_init_has_random_routers_and_experts():

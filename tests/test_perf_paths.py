@@ -23,7 +23,8 @@ from moe.experts import (
     sort_by_expert,
     swiglu,
 )
-from moe.layer import MoE, init_weights, reset_routing_stats, routing_stats
+from moe.init import init_weights
+from moe.layer import MoE, reset_routing_stats, routing_stats
 from moe.model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +40,8 @@ def small_cfg(**kw) -> ModelConfig:
 
 def make_moe(impl: str, seed: int = 0, **kw) -> MoE:
     cfg = small_cfg(expert_impl=impl, init_std=0.2, **kw)
-    m = MoE(cfg)
     torch.manual_seed(seed)
-    init_weights(m, cfg)
-    return m
+    return MoE(cfg)
 
 
 def grads_of(m: torch.nn.Module, x: torch.Tensor, gout: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -212,9 +211,8 @@ def test_unused_experts_get_zero_gradient_in_both_paths():
 def test_dispatch_equals_per_token_sum_with_weight_gradients(capacity_factor, impl):
     """Gather, scaled experts, scatter-add == sum_k w_tk * expert(x_t), also for d/dweights."""
     cfg = small_cfg(capacity_factor=capacity_factor, expert_impl=impl)
-    ex = Experts(cfg)
     torch.manual_seed(0)
-    init_weights(ex, cfg.replace(init_std=0.2))
+    ex = Experts(cfg.replace(init_std=0.2))
     T, K = 24, cfg.n_activated_experts
     g = torch.Generator().manual_seed(1)
     experts_TK = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:K] for _ in range(T)])
@@ -291,9 +289,8 @@ def test_init_weights_is_the_transformer_rule():
 
 def test_standalone_moe_init_is_random_router_and_scaled_outputs():
     cfg = small_cfg(n_layers=8)
-    m = MoE(cfg)
     torch.manual_seed(0)
-    init_weights(m, cfg)
+    m = MoE(cfg)  # no init call: the module initialises itself
     assert m.router.weight.std().item() == pytest.approx(cfg.init_std, rel=0.2)
     assert m.experts.w2.std().item() == pytest.approx(cfg.init_std / 4, rel=0.2)  # 1/sqrt(2*8)
     assert m.shared.w2.weight.std().item() == pytest.approx(cfg.init_std / 4, rel=0.2)

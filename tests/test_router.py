@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe.config import ModelConfig
+from moe.config import PRESETS, ModelConfig
 from moe.router import Router
 
 
@@ -176,3 +176,42 @@ def test_router_runs_in_fp32_for_low_precision_inputs():
     r = make_router()
     out = r(torch.randn(5, 4).to(torch.bfloat16))
     assert out.weights_TK.dtype == torch.float32 and out.scores_TE.dtype == torch.float32
+
+
+def test_router_scores_in_fp32_inside_bf16_autocast():
+    """Under autocast F.linear would run in bf16 and pick other experts for some tokens."""
+    cfg = PRESETS["toy"].replace(dim=256, n_routed_experts=64, n_activated_experts=6, n_expert_groups=8,
+                                 n_limited_groups=4)
+    torch.manual_seed(0)
+    r = Router(cfg)
+    x = torch.randn(1024, cfg.dim)
+    plain = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = r(x)
+        assert torch.is_autocast_enabled("cpu")  # switched off inside the router only
+    for field in ("logits_TE", "scores_TE", "weights_TK"):
+        assert getattr(auto, field).dtype == torch.float32, field
+        assert torch.equal(getattr(auto, field), getattr(plain, field)), field
+    assert torch.equal(auto.experts_TK, plain.experts_TK)
+    bf16 = r(x.bfloat16())  # a bf16 input is scored in fp32 too
+    assert bf16.logits_TE.dtype == torch.float32
+
+
+def test_correction_bias_stays_fp32_under_every_cast():
+    from moe.model import Transformer
+
+    model = Transformer(PRESETS["toy"])
+    router = model.layers[-1].ffn.router
+    values = torch.linspace(0.5, 0.507, PRESETS["toy"].n_routed_experts)
+    with torch.no_grad():
+        router.bias.copy_(values)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double(),
+                 lambda m: m.to("cpu", torch.bfloat16)):
+        cast(model)
+        assert router.bias.dtype == torch.float32
+        assert torch.equal(router.bias, values)  # bf16 would collapse these 8 values to 3
+    assert router.weight.dtype == torch.bfloat16  # the rest of the model did follow the cast
+    with torch.device("meta"):
+        meta = Transformer(PRESETS["toy"])
+    meta.to_empty(device="cpu")
+    assert meta.layers[-1].ffn.router.bias.dtype == torch.float32

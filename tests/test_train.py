@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from moe import train as train_mod
-from moe.config import PRESETS, ModelConfig
+from moe.checkpoint import load_checkpoint, read_metrics
+from moe.config import PRESETS
+from moe.device import resolve_device
 from moe.model import Transformer
-from moe.train import TrainConfig, TrainingDiverged, load_checkpoint, load_model, train
+from moe.train import TrainConfig, TrainingDiverged, train
 
 # A model small enough that a training step takes milliseconds on a CPU.
 TINY = PRESETS["toy"].replace(dim=32, n_layers=2, n_heads=2, max_seq_len=64, kv_lora_rank=16,
@@ -51,7 +53,7 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_short_run_lowers_the_loss(tmp_path):
     tc = tiny_run(tmp_path, steps=40, eval_interval=40)
     result = train(tc, TINY)
-    records = train_mod.read_metrics(tc.out)
+    records = read_metrics(tc.out)
     assert [r["step"] for r in records] == list(range(1, 41))
     first = sum(r["ce"] for r in records[:3]) / 3
     last = sum(r["ce"] for r in records[-3:]) / 3
@@ -63,7 +65,7 @@ def test_short_run_lowers_the_loss(tmp_path):
 def test_metrics_record_the_promised_fields(tmp_path):
     tc = tiny_run(tmp_path, steps=4, eval_interval=2, seq_len=16, grad_accum=2)
     train(tc, TINY.replace(n_mtp=1, aux_loss_alpha=0.01, z_loss_coef=1e-3))
-    records = train_mod.read_metrics(tc.out)
+    records = read_metrics(tc.out)
     for r in records:
         for key in ("step", "loss", "ce", "mtp", "aux", "seq_aux", "z", "lr", "grad_norm", "tokens_per_s",
                     "load_max_over_mean"):
@@ -110,8 +112,8 @@ def test_resume_is_bit_for_bit(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the logged losses agree too, and the split run's log has each step once
-    la = [r["loss"] for r in train_mod.read_metrics(straight.out)]
-    lb = [r["loss"] for r in train_mod.read_metrics(resumed.out)]
+    la = [r["loss"] for r in read_metrics(straight.out)]
+    lb = [r["loss"] for r in read_metrics(resumed.out)]
     assert la == lb
 
 
@@ -124,7 +126,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     with open(os.path.join(tc.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n" + json.dumps({"step": 8, "loss": 1.0}) + "\n{\"st")
     train(dataclasses.replace(tc, steps=8), resume=True)
-    steps = [r["step"] for r in train_mod.read_metrics(tc.out)]
+    steps = [r["step"] for r in read_metrics(tc.out)]
     assert steps == list(range(1, 9))
 
 
@@ -142,7 +144,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
         train(tc, TINY)
     result = train(dataclasses.replace(tc, overwrite=True), TINY)
     assert result.step == 2
-    assert [r["step"] for r in train_mod.read_metrics(tc.out)] == [1, 2]
+    assert [r["step"] for r in read_metrics(tc.out)] == [1, 2]
 
 
 def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
@@ -151,108 +153,6 @@ def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         train(tiny_run(tmp_path, "empty"), resume=True)
-
-
-# ------------------------------------------------------------------------------ checkpoints
-def _saved(tmp_path, cfg: ModelConfig = TINY, step: int = 1):
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    opt = train_mod.build_optimizer(model, TrainConfig())
-    out = str(tmp_path / "ckpt")
-    train_mod.save_checkpoint(out, model, opt, step, TrainConfig(), {})
-    return out, model, opt
-
-
-def test_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    out, model, opt = _saved(tmp_path)
-    before = state_of(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-
-    def crash(obj, path, *args, **kwargs):  # half a file, then the power goes
-        with open(path, "wb") as f:
-            f.write(b"\x80\x02partial")
-        raise OSError("simulated crash while writing state.pt")
-
-    monkeypatch.setattr(train_mod.torch, "save", crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        train_mod.save_checkpoint(out, model, opt, 2, TrainConfig(), {})
-    monkeypatch.undo()
-    assert not [e for e in os.listdir(out) if e.startswith(".tmp")]  # the temp folder is cleaned up
-    loaded, ckpt = load_model(out)
-    assert ckpt.step == 1
-    for k, v in state_of(loaded).items():
-        assert torch.equal(v, before[k]), k
-
-
-def test_crash_before_latest_is_updated(tmp_path, monkeypatch):
-    out, model, opt = _saved(tmp_path)
-    real = train_mod.atomic_write_text
-
-    def crash_on_latest(path, text):
-        if os.path.basename(path) == "LATEST":
-            raise OSError("simulated crash before LATEST")
-        real(path, text)
-
-    monkeypatch.setattr(train_mod, "atomic_write_text", crash_on_latest)
-    with pytest.raises(OSError):
-        train_mod.save_checkpoint(out, model, opt, 2, TrainConfig(), {})
-    monkeypatch.undo()
-    assert load_checkpoint(out).step == 1  # the complete but unnamed ckpt-2 is ignored
-    train_mod.save_checkpoint(out, model, opt, 2, TrainConfig(), {})  # and replaced on the next save
-    assert load_checkpoint(out).step == 2
-    assert sorted(e for e in os.listdir(out) if e.startswith("ckpt-")) == ["ckpt-00000002"]
-
-
-def test_corrupt_or_missing_files_are_named(tmp_path):
-    out, _, _ = _saved(tmp_path)
-    folder = os.path.join(out, "ckpt-00000001")
-    weights = os.path.join(folder, "model.safetensors")
-    raw = bytearray(pathlib.Path(weights).read_bytes())
-    raw[-5] ^= 0xFF
-    pathlib.Path(weights).write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
-        load_checkpoint(out)
-    os.unlink(weights)
-    with pytest.raises(FileNotFoundError, match="checkpoint file missing: .*model.safetensors"):
-        load_checkpoint(out)
-    with open(os.path.join(out, "LATEST"), "w") as f:
-        f.write("ckpt-00000099\n")
-    with pytest.raises(FileNotFoundError, match="names ckpt-00000099, which is missing"):
-        load_checkpoint(out)
-
-
-def test_edited_config_that_no_longer_matches_the_weights(tmp_path):
-    out, _, _ = _saved(tmp_path)
-    folder = os.path.join(out, "ckpt-00000001")
-    cfg_path = os.path.join(folder, "config.json")
-    TINY.replace(n_routed_experts=8, n_expert_groups=2).save(cfg_path)
-    manifest_path = pathlib.Path(folder, "manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["config.json"] = {"bytes": os.path.getsize(cfg_path), "sha256": train_mod._sha256(cfg_path)}
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"does not match the model config: shape mismatch .*router.weight"):
-        load_model(out)
-
-
-def test_tied_embeddings_and_router_bias_survive_a_round_trip(tmp_path):
-    cfg = TINY.replace(tie_embeddings=True)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for m in model.modules():
-            if getattr(m, "bias", None) is not None and m.__class__.__name__ == "Router":
-                m.bias.copy_(torch.randn_like(m.bias))
-    opt = train_mod.build_optimizer(model, TrainConfig())
-    out = str(tmp_path / "tied")
-    train_mod.save_checkpoint(out, model, opt, 1, TrainConfig(), {})
-    loaded, ckpt = load_model(out)
-    assert ckpt.aliases  # stored once
-    assert loaded.head.weight is loaded.embed.weight
-    for k, v in state_of(model).items():
-        assert torch.equal(v, state_of(loaded)[k]), k
-    assert any("router.bias" in k for k in ckpt.tensors)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -291,7 +191,7 @@ def test_bad_train_settings_are_rejected(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_request_without_cuda_is_clear():
     with pytest.raises(ValueError, match="CUDA is not available"):
-        train_mod.resolve_device("cuda")
+        resolve_device("cuda")
 
 
 def test_plots_are_written(tmp_path):
@@ -327,3 +227,60 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
     assert result.interrupted and result.stopped_early and result.step == 3
     assert load_checkpoint(tc.out).step == 3
     assert train(tc, resume=True).step == 10
+
+
+# ------------------------------------------------------------------------------ bad input destroys nothing
+def test_overwrite_checks_everything_before_deleting_the_old_run(tmp_path):
+    tc = tiny_run(tmp_path, steps=2)
+    train(tc, TINY)
+    before = sorted(os.listdir(tc.out))
+    for bad, message in [({"data": str(tmp_path / "typo.txt")}, "data file not found"),
+                         ({"seq_len": 999}, "seq_len=999 exceeds"),
+                         ({"device": "tpu"}, "unknown device")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train(dataclasses.replace(tc, overwrite=True, **bad), TINY)
+        assert sorted(os.listdir(tc.out)) == before
+        assert load_checkpoint(tc.out).step == 2
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    from moe.checkpoint import RunLock
+
+    tc = tiny_run(tmp_path, steps=2)
+    train(tc, TINY)
+    with RunLock(tc.out), pytest.raises(ValueError, match="being written by another train process"):
+        train(dataclasses.replace(tc, steps=4), resume=True)
+    assert train(dataclasses.replace(tc, steps=4), resume=True).step == 4  # free again
+
+
+def test_resume_removes_half_written_checkpoints(tmp_path):
+    tc = tiny_run(tmp_path, steps=2)
+    train(tc, TINY)
+    stale = pathlib.Path(tc.out, ".tmp-ckpt-abc123")
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    train(dataclasses.replace(tc, steps=3), resume=True)
+    assert not stale.exists()
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "available_bytes", lambda device: 10**5)  # 100 kB free
+    with pytest.raises(ValueError, match=r"needs about .* GB .* has 0.0 GB available, enough for about 6.25K "
+                                         r"parameters.*python -m moe calc"):
+        train(tiny_run(tmp_path), TINY)
+    assert not os.path.exists(tiny_run(tmp_path).out)  # nothing was created
+
+
+def test_data_larger_than_the_cap_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"data file is larger than 1 MiB: /dev/zero; raise the limit with "
+                                         "--max-data-mb"):
+        train(tiny_run(tmp_path, data="/dev/zero", max_data_mb=1), TINY)
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(tmp_path, capsys):
+    train(tiny_run(tmp_path, steps=20, eval_interval=0, progress=True), TINY)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if "step " in line and "/20" in line]
+    assert [line.split("step ")[1].split("/")[0] for line in lines] == [str(s) for s in range(1, 21)]
+    assert all("loss" in line and "tok/s" in line for line in lines)
