@@ -269,13 +269,18 @@ def draw(res: dict, panels: dict, out: str) -> list[str]:
     for r in t["runs"]:
         if r["check"]:
             continue
+        if r["recipe"] == "bf16-autocast":  # a shorter run, reported in the note
+            continue
         label = RECIPE_LABELS[r["recipe"]]
-        if r["recipe"] != "bf16-autocast":  # a shorter run: its final loss only
-            curves.setdefault(label, []).append(r["curve"])
+        curves.setdefault(label, []).append(r["curve"])
         final.setdefault(label, []).append(r["val_loss"])
     gap = t["gaps"]["blockwise_vs_none"]
     note = (f"fp8 blockwise vs fp32: {100 * gap['mean']:+.2f}% (std {100 * gap['std']:.2f}% over "
             f"{gap['n_seeds']} seeds){', inside seed noise' if gap['inside_seed_noise'] else ''}")
+    if "bf16_check" in t:
+        c = t["bf16_check"]
+        note += (f"\nreal bf16 autocast, {c['steps']} steps, seed 0: {100 * c['rel_diff']:+.1f}% vs simulated bf16 "
+                 f"({c['real_step_s'] / c['simulated_step_s']:.1f}x slower)")
     return [
         plots.save(plots.plot_fp8_granularity(g["magnitudes"], g["sqnr_db"]), os.path.join(out, "granularity.png")),
         plots.save(plots.plot_fp8_accumulation(a["ks"], a["errors"], (4096, DEEPSEEK_ACCUM_ERR_K4096)),
