@@ -327,7 +327,7 @@ def plot_fp8_accumulation(ks: list[int], errors: dict[str, list[float]],
     a published point (DeepSeek: nearly 2% at K = 4096)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, values in errors.items():
-        ax.plot(ks, values, "o-", label=label)
+        ax.plot(ks, values, "o:" if "nearest" in label else "o-", label=label)
     if reference is not None:
         ax.plot(*reference, "r*", markersize=14,
                 label=f"DeepSeek-V3 report: ~{reference[1]:.0%} at K = {reference[0]:g}")
