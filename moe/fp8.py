@@ -287,7 +287,7 @@ def accumulate_dot(a: torch.Tensor, b: torch.Tensor, mantissa_bits: int, promote
     Products are exact (two FP8 values multiply exactly in 8 bits), the running sum keeps only
     `mantissa_bits` bits after its leading one. DeepSeek measured about 14 on H800 tensor cores
     and a relative error of nearly 2% for K = 4096. rounding="truncate" (drop the low bits, the
-    default) reproduces that size of error; "nearest" would be about 30x more accurate, so the
+    default) reproduces that size of error; "nearest" is about 30x more accurate, so the
     hardware's dropped bits are modelled as a truncation (an assumption consistent with the
     report, not a documented property of the hardware).
     promote_every = N_C: the fix of section 3.3.2. Each run of N_C products is summed on the
@@ -327,7 +327,7 @@ GEMMS: dict[str, dict[str, tuple[str | None, str | None]]] = {
     "blockwise": {"fprop": ("tile", "block"), "dgrad": ("tile", "block"), "wgrad": ("tile", "tile")},
     # one scale per row of each operand along K (torchao's rowwise recipe)
     "rowwise": {"fprop": ("row", "row"), "dgrad": ("row", "row"), "wgrad": ("row", "row")},
-    # one scale per tensor (the first FP8 recipes, e.g. Transformer Engine's default)
+    # one scale per tensor (per-tensor scaling, as the first FP8 training recipes)
     "tensorwise": {"fprop": ("tensor", "tensor"), "dgrad": ("tensor", "tensor"), "wgrad": ("tensor", "tensor")},
     # the baseline simulated the same way: GEMM inputs rounded to bf16, no scales, fp32 accumulation
     "bf16": {"fprop": (None, None), "dgrad": (None, None), "wgrad": (None, None)},
