@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from moe import plots  # noqa: E402
 from moe.balance import MODES, mode_fields  # noqa: E402
-from moe.checkpoint import load_model, read_metrics  # noqa: E402
+from moe.checkpoint import load_checkpoint, load_model, read_metrics  # noqa: E402
 from moe.config import PRESETS, ModelConfig, atomic_write_text  # noqa: E402
 from moe.data import domain_ids, domain_spans, eval_starts, load_corpus, windows  # noqa: E402
 from moe.experts import expert_capacity  # noqa: E402
@@ -64,22 +64,36 @@ class Settings:
     eval_windows: int = 64
     window: int = 50  # the last steps whose loads give the end-of-run numbers
     jobs: int = 1
+    reuse: bool = False  # read finished runs with the same configs instead of training them again
 
 
 QUICK = Settings(steps=12, seeds=1, seq_len=32, eval_windows=8, window=4)
 
 
 # ------------------------------------------------------------------------------ runs
+def finished(tc: TrainConfig, cfg: ModelConfig) -> bool:
+    """tc.out holds a complete run of exactly this model and training config (for --reuse)."""
+    try:
+        ckpt = load_checkpoint(tc.out)
+    except (OSError, ValueError):
+        return False
+    same_tc = {k: v for k, v in ckpt.train_config.items() if k != "overwrite"} == {
+        k: v for k, v in dataclasses.asdict(tc).items() if k != "overwrite"}
+    return ckpt.config == cfg and ckpt.step == tc.steps and same_tc
+
+
 def run_one(job: dict) -> dict:
-    """Train one (part, mode, seed) and return its per-step load records and validation CE."""
+    """Train one (part, mode, seed), or with reuse read its finished run, and return its per-step
+    load records and validation CE."""
     cfg = ModelConfig.from_dict(job["cfg"])
     tc = TrainConfig(**job["tc"])
-    with contextlib.redirect_stdout(io.StringIO()):  # train's eval line; the table says it all
-        result = train(tc, cfg)
+    if not (job["reuse"] and finished(tc, cfg)):
+        with contextlib.redirect_stdout(io.StringIO()):  # train's eval line; the table says it all
+            train(tc, cfg)
+    records = read_metrics(tc.out)
     keep = ("load_max_over_mean", "tokens_per_expert", "bias", "router_entropy")
-    records = [{k: r[k] for k in keep if k in r} for r in read_metrics(tc.out)]
-    return {**{k: job[k] for k in ("part", "mode", "seed")}, "out": tc.out, "val_ce": result.val_loss,
-            "records": records}
+    return {**{k: job[k] for k in ("part", "mode", "seed")}, "out": tc.out, "val_ce": records[-1]["val_loss"],
+            "records": [{k: r[k] for k in keep if k in r} for r in records]}
 
 
 def make_job(part: str, mode: str, seed: int, s: Settings, out: str, cfg_changes: dict, tc_changes: dict) -> dict:
@@ -87,7 +101,7 @@ def make_job(part: str, mode: str, seed: int, s: Settings, out: str, cfg_changes
     tc = dict(out=os.path.join(out, "runs", f"{part}-{mode}-s{seed}"), steps=s.steps, batch_size=s.batch_size,
               seq_len=s.seq_len, eval_interval=0, eval_windows=s.eval_windows, save_interval=0, seed=seed,
               device="cpu", threads=1, progress=False, plots=False, overwrite=True, **tc_changes)
-    return {"part": part, "mode": mode, "seed": seed, "cfg": cfg.to_dict(), "tc": tc}
+    return {"part": part, "mode": mode, "seed": seed, "cfg": cfg.to_dict(), "tc": tc, "reuse": s.reuse}
 
 
 def run_all(jobs: list[dict], n_jobs: int) -> list[dict]:
@@ -135,6 +149,7 @@ def summarise(run: dict, s: Settings, cfg: ModelConfig) -> dict:
         "dropped_fraction": drops,
         "router_entropy_bits": [sum(r["router_entropy"][i] for r in recs) / len(recs) for i in range(n_layers)],
         "load_share": [[c * E / max(sum(row), 1e-9) for c in row] for row in summed],
+        "load_share_last_step": [[c * E / max(sum(row), 1e-9) for c in row] for row in recs[-1]["tokens_per_expert"]],
     }
 
 
@@ -153,6 +168,7 @@ def aggregate(per_seed: list[dict]) -> dict:
     out["dropped_fraction"] = {cf: mean([mean(p["dropped_fraction"][cf]) for p in per_seed])
                                for cf in first["dropped_fraction"]}
     out["load_share"] = first["load_share"]  # seed 0: the heatmap
+    out["load_share_last_step"] = first["load_share_last_step"]
     return out
 
 
@@ -206,6 +222,20 @@ def mutual_information_bits(domain_T: torch.Tensor, experts_TK: torch.Tensor) ->
     return max(mi, 0.0), h_d
 
 
+BYTE_CLASSES = ("space", "newline", "letter", "digit", "other")
+
+
+def byte_classes(tokens_T: torch.Tensor) -> torch.Tensor:
+    """class_T: index into BYTE_CLASSES of every byte (non-ASCII bytes count as letters)."""
+    t = tokens_T
+    letter = ((t >= 65) & (t <= 90)) | ((t >= 97) & (t <= 122)) | (t >= 128)
+    digit = (t >= 48) & (t <= 57)
+    out = torch.full_like(t, 4)
+    for cls, mask in ((2, letter), (3, digit), (1, t == 10), (0, (t == 32) | (t == 9))):
+        out[mask] = cls
+    return out
+
+
 def domain_usage(domain_T: torch.Tensor, experts_TK: torch.Tensor, domains: tuple[str, ...], E: int) -> dict:
     """domain -> share of its assignments on each expert, times E (1 = fair share)."""
     out = {}
@@ -245,23 +275,32 @@ def routing_picture(model: Transformer, split, seq_len: int, layer: int) -> tupl
 
 def specialisation(model: Transformer, corpus, s: Settings) -> dict:
     cfg = model.cfg
-    routed, _, dom = route(model, corpus.val, eval_starts(corpus.val, s.seq_len, s.eval_windows), s.seq_len)
+    routed, toks, dom = route(model, corpus.val, eval_starts(corpus.val, s.seq_len, s.eval_windows), s.seq_len)
+    cls = byte_classes(toks)
     layers = []
     for experts_TK, _ in routed:
         mi, h_d = mutual_information_bits(dom, experts_TK)
+        mi_c, h_c = mutual_information_bits(cls, experts_TK)
         counts = torch.bincount(experts_TK.flatten(), minlength=cfg.n_routed_experts).tolist()
-        layers.append({"mi_bits": mi, "mi_max_bits": h_d, "max_over_mean_load_val": max_over_mean(counts),
+        # batches of batch_size validation windows, as a training step sees them: how much of the
+        # per-step imbalance is just which sequences share a batch
+        per_batch = experts_TK.view(-1, s.batch_size * s.seq_len * cfg.n_activated_experts)
+        batch_loads = [max_over_mean(torch.bincount(b, minlength=cfg.n_routed_experts).tolist()) for b in per_batch]
+        layers.append({"mi_bits": mi, "mi_max_bits": h_d, "byte_class_mi_bits": mi_c, "byte_class_mi_max_bits": h_c,
+                       "max_over_mean_load_val": max_over_mean(counts),
+                       "max_over_mean_load_val_per_batch": mean(batch_loads),
                        "usage_by_domain": domain_usage(dom, experts_TK, corpus.domains, cfg.n_routed_experts)})
     return {"layers": layers, "domains": list(corpus.domains),
             "domain_share": [float((dom == d).double().mean()) for d in range(len(corpus.domains))]}
 
 
-def untrained_mi(cfg: ModelConfig, corpus, s: Settings, seed: int = 0) -> list[float]:
-    """The same mutual information for the model at init: what the router knows before training."""
+def untrained_mi(cfg: ModelConfig, corpus, s: Settings, seed: int = 0) -> dict[str, list[float]]:
+    """The same mutual informations for the model at init: what the router knows before training."""
     torch.manual_seed(seed)
-    routed, _, dom = route(Transformer(cfg), corpus.val, eval_starts(corpus.val, s.seq_len, s.eval_windows),
-                           s.seq_len)
-    return [mutual_information_bits(dom, e)[0] for e, _ in routed]
+    routed, toks, dom = route(Transformer(cfg), corpus.val, eval_starts(corpus.val, s.seq_len, s.eval_windows),
+                              s.seq_len)
+    return {"domain": [mutual_information_bits(dom, e)[0] for e, _ in routed],
+            "byte_class": [mutual_information_bits(byte_classes(toks), e)[0] for e, _ in routed]}
 
 
 # ------------------------------------------------------------------------------ report
@@ -292,8 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {Settings.steps})")
     ap.add_argument("--seeds", type=int, default=None, help=f"seeds per compared mode (default {Settings.seeds})")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained in parallel, one thread each (default 1)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="do not retrain runs already finished in OUT/runs with the same configs (re-analyse)")
     args = ap.parse_args(argv)
-    s = dataclasses.replace(QUICK if args.quick else Settings(), jobs=args.jobs)
+    s = dataclasses.replace(QUICK if args.quick else Settings(), jobs=args.jobs, reuse=args.reuse)
     if args.steps is not None:
         s = dataclasses.replace(s, steps=args.steps, window=min(s.window, max(1, args.steps // 4)))
     if args.seeds is not None:
@@ -348,18 +389,28 @@ def report(res: dict, s: Settings) -> str:
              f"{res['settings']['balanced_floor_window']:.3f} over that window, "
              f"{res['settings']['balanced_floor_per_step']:.3f} per step)", "", table(res, COMPARE, s.window), "",
              f"Collapse setting ({COLLAPSE_NAME}), seed 0:", "",
-             "| mode | val CE | max/mean load per layer |", "|---|---|---|"]
+             f"| mode | val CE | max/mean load per layer, last {s.window} steps | per step | dropped at cf 1 / 1.25 |",
+             "|---|---|---|---|---|"]
     for m, r in res["collapse"].items():
-        parts.append(f"| {m} | {r['val_ce']:.3f} | {_nums(r['max_over_mean_load'])} |")
+        drops = " / ".join(f"{100 * mean(r['dropped_fraction'][f'{cf:g}']):.1f}%" for cf in CAPACITY_FACTORS)
+        parts.append(f"| {m} | {r['val_ce']:.3f} | {_nums(r['max_over_mean_load'])} | "
+                     f"{_nums(r['max_over_mean_load_per_step'])} | {drops} |")
     sp = res["specialisation"]
-    parts += ["", "Specialisation (validation, seed 0): I(domain; chosen experts) per layer, bits "
-              f"(max {sp[SPECIALISE]['layers'][0]['mi_max_bits']:.3f}; untrained model: "
-              f"{_nums(sp['untrained_mi_bits'], 3)})", "",
-              "| mode | MI per layer (bits) | max/mean load on validation |", "|---|---|---|"]
+    first = sp[SPECIALISE]["layers"][0]
+    parts += ["", "Specialisation on the validation split, seed 0: mutual information of the chosen experts (the "
+              "set of K) with the byte's domain (prose/code) and with its byte class "
+              f"({'/'.join(BYTE_CLASSES)}), bits per layer", "",
+              f"| mode | I(domain; experts), max {first['mi_max_bits']:.3f} | I(byte class; experts), max "
+              f"{first['byte_class_mi_max_bits']:.3f} | max/mean load on validation: all | per batch of "
+              f"{s.batch_size} windows |", "|---|---|---|---|---|",
+              f"| untrained | {_nums(sp['untrained_mi_bits']['domain'], 3)} | "
+              f"{_nums(sp['untrained_mi_bits']['byte_class'], 3)} | | |"]
     for m in COMPARE:
-        mi = " ".join(f"{x['mi_bits']:.3f}" for x in sp[m]["layers"])
-        load = " ".join(f"{x['max_over_mean_load_val']:.2f}" for x in sp[m]["layers"])
-        parts.append(f"| {m} | {mi} | {load} |")
+        layers = sp[m]["layers"]
+        cells = [_nums([x["mi_bits"] for x in layers], 3), _nums([x["byte_class_mi_bits"] for x in layers], 3),
+                 _nums([x["max_over_mean_load_val"] for x in layers]),
+                 _nums([x["max_over_mean_load_val_per_batch"] for x in layers])]
+        parts.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(parts)
 
 
@@ -376,8 +427,9 @@ def draw(res: dict, by: dict, s: Settings, names: list[str], best: int, out: str
     files.append(plots.save(plots.plot_bias_trajectories(bias, names, "aux_free: each expert's bias over training "
                                                          "(seed 0)"), path("balancing_bias.png"), DPI))
     worst = {m: [max(r["load_max_over_mean"]) for r in by["collapse", m, 0]["records"]] for m in COLLAPSE}
-    files.append(plots.save(plots.plot_collapse(worst, {m: res["collapse"][m]["load_share"] for m in COLLAPSE},
-                                                COLLAPSE_NAME, names), path("balancing_collapse.png"), DPI))
+    files.append(plots.save(plots.plot_collapse(worst, {m: res["collapse"][m]["load_share_last_step"]
+                                                       for m in COLLAPSE}, COLLAPSE_NAME, names),
+                            path("balancing_collapse.png"), DPI))
     sp = res["specialisation"][SPECIALISE]
     files.append(plots.save(plots.plot_domain_usage([x["usage_by_domain"] for x in sp["layers"]],
                                                     [x["mi_bits"] for x in sp["layers"]],

@@ -208,7 +208,7 @@ def plot_load_curves(curves: dict[str, list[list[float]]], layer_names: list[str
     curves: mode -> per step, one value per layer. floor: the value a perfectly balanced random
     router would show at this batch size (drawn dotted).
     """
-    fig, axes = _grid(len(curves), sharey=True)
+    fig, axes = _grid(len(curves), size=(3.6, 2.5), sharey=True)
     for ax, (mode, per_step) in zip(axes, curves.items()):
         for layer in range(len(per_step[0]) if per_step else 0):
             name = layer_names[layer] if layer_names else f"MoE layer {layer}"
@@ -217,7 +217,7 @@ def plot_load_curves(curves: dict[str, list[list[float]]], layer_names: list[str
         if floor is not None:
             ax.axhline(floor, color="tab:red", linestyle=":", linewidth=1, label="balanced-router noise")
         ax.set_title(mode, fontsize=10)
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     for ax in axes:
@@ -250,7 +250,7 @@ def plot_bias_trajectories(bias: list[list[list[float]]], layer_names: list[str]
                            title: str = "Aux-loss-free correction bias per expert") -> Figure:
     """bias: per step, per layer, per expert. One panel per layer, one line per expert."""
     n_layers = len(bias[0])
-    fig, axes = _grid(n_layers, size=(4.0, 2.8), sharey=True)
+    fig, axes = _grid(n_layers, size=(3.6, 2.5), sharey=True)
     steps = range(1, len(bias) + 1)
     for layer, ax in enumerate(axes):
         for e in range(len(bias[0][layer])):
@@ -267,9 +267,9 @@ def plot_bias_trajectories(bias: list[list[list[float]]], layer_names: list[str]
 
 
 def plot_collapse(curves: dict[str, list[float]], shares: dict[str, list[list[float]]], setting: str,
-                  layer_names: list[str] | None = None) -> Figure:
+                  layer_names: list[str] | None = None, shares_label: str = "last step") -> Figure:
     """Top: the worst layer's max/mean load over steps, one line per mode. Bottom: each mode's
-    final layer x expert load."""
+    layer x expert load (shares_label says of which tokens)."""
     n = len(shares)
     fig = plt.figure(figsize=(3.0 * n, 6.6))
     grid = fig.add_gridspec(2, n, height_ratios=[1.3, 1], hspace=0.45)
@@ -277,7 +277,7 @@ def plot_collapse(curves: dict[str, list[float]], shares: dict[str, list[list[fl
     for mode, values in curves.items():
         top.plot(range(1, len(values) + 1), _ema(values), label=mode, linewidth=1.4)
     top.axhline(1.0, color="gray", linestyle=":", linewidth=1)
-    top.set_yscale("log")
+    top.set_ylim(bottom=0.9)
     top.set_xlabel("optimizer step")
     top.set_ylabel("worst layer: max / mean load")
     top.grid(alpha=0.3)
@@ -288,7 +288,7 @@ def plot_collapse(curves: dict[str, list[float]], shares: dict[str, list[list[fl
     for i, (mode, share) in enumerate(shares.items()):
         ax = fig.add_subplot(grid[1, i])
         im = ax.imshow(share, cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
-        ax.set_title(mode, fontsize=9)
+        ax.set_title(f"{mode} ({shares_label})", fontsize=9)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_yticks(range(len(share)), layer_names if (layer_names and i == 0) else [""] * len(share), fontsize=7)
     fig.colorbar(im, ax=fig.axes[1:], shrink=0.8, label="tokens x E / total")
