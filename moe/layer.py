@@ -42,6 +42,9 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+STATS_BUFFERS = ("tokens_per_expert_E", "dropped_tokens", "entropy_sum", "counted_tokens")
+
+
 class MoE(nn.Module):
     """Routed experts plus shared experts. forward(x_BSD) -> (y_BSD, losses)."""
 
@@ -54,11 +57,22 @@ class MoE(nn.Module):
         self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # routing statistics, accumulated until reset_routing_stats (not saved in checkpoints):
         # assignments the router made to each expert (before capacity drops), the assignments
-        # dropped, and the summed router entropy over the tokens counted
+        # dropped, and the summed router entropy over the tokens counted. Always fp32 (_apply).
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
-        self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("counted_tokens", torch.zeros(()), persistent=False)
+        for name in STATS_BUFFERS[1:]:
+            self.register_buffer(name, torch.zeros(()), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) / .bfloat16() move the statistics with the model but keep them fp32:
+        a bf16 count stops being exact at 256 (256 + 1 == 256), and the bias steers by them."""
+        stats = {name: self._buffers.pop(name) for name in STATS_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in stats.items():
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == torch.float32 else buf.to(moved.device, torch.float32)
+        return self
 
     def forward(self, x_BSD: torch.Tensor,
                 valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -127,5 +141,5 @@ def routing_stats(model: nn.Module) -> dict[str, list]:
 @torch.no_grad()
 def reset_routing_stats(model: nn.Module) -> None:
     for m in moe_layers(model):
-        for buf in (m.tokens_per_expert_E, m.dropped_tokens, m.entropy_sum, m.counted_tokens):
-            buf.zero_()
+        for name in STATS_BUFFERS:
+            getattr(m, name).zero_()

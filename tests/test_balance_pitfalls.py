@@ -195,6 +195,21 @@ def test_loads_counted_once_under_activation_checkpointing(monkeypatch, reentran
     assert assignments_after_a_checkpointed_step() == 2 * (2 * 8 * 2)
 
 
+def test_loads_stay_exact_counts_in_a_bf16_model():
+    m = make_moe(n_shared_experts=0, expert_impl="loop").to(torch.bfloat16)
+    assert all(getattr(m, name).dtype == torch.float32 for name in layer_mod.STATS_BUFFERS)
+    x = torch.randn(8, 128, 16, dtype=torch.bfloat16)
+    reset_routing_stats(m)
+    with torch.no_grad():
+        m(x)
+    loads = routing_stats(m)["tokens_per_expert"][0]
+    r = m.router(x.view(-1, 16))
+    assert loads == torch.bincount(r.experts_TK.flatten(), minlength=8).float().tolist()
+    assert sum(loads) == 8 * 128 * 2 and max(loads) > 256
+    # the bug: counts kept in bf16 (as the model's other buffers are) stop being exact at 256
+    assert torch.tensor(256.0, dtype=torch.bfloat16) + 1 == 256
+
+
 def test_loads_cover_each_micro_batch_once_under_gradient_accumulation(tmp_path):
     # also pinned by test_train.py::test_metrics_record_the_promised_fields; here with the bias:
     # bias_problems checks every step's loads sum to grad_accum x B x S x K (TOTALS)

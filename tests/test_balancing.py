@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -109,9 +110,10 @@ def test_transformers_load_balancing_loss_is_top_k_times_ours_over_all_layers_at
 
 # ------------------------------------------------------------------------------ the experiment
 @pytest.mark.slow
-def test_balancing_experiment_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("balancing", ROOT / "experiments" / "balancing.py")
+def test_balancing_experiment_quick(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("balancing_experiment", ROOT / "experiments" / "balancing.py")
     exp = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "balancing_experiment", exp)  # its dataclass looks itself up there
     spec.loader.exec_module(exp)
     assert exp.main(["--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
