@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module registers its own subcommands through `register(subparsers)`.
-CLI_MODULES = ("moe.train", "moe.generate", "moe.info", "moe.accounting")
+CLI_MODULES = ("moe.train", "moe.generate", "moe.info", "moe.accounting", "moe.interop.convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves first): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     except OSError as e:  # the disk or the file system said no: which path, and why
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)

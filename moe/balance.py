@@ -80,21 +80,31 @@ def _token_weights(T: int, valid_T: torch.Tensor | None, like: torch.Tensor) -> 
     return like.new_ones(T) if valid_T is None else valid_T.to(like.dtype)
 
 
-def switch_aux_loss(scores_TE: torch.Tensor, experts_TK: torch.Tensor,
-                    valid_T: torch.Tensor | None = None) -> torch.Tensor:
+def switch_aux_loss(scores_TE: torch.Tensor, experts_TK: torch.Tensor, valid_T: torch.Tensor | None = None,
+                    group=None) -> torch.Tensor:
     """E * sum_i f_i * P_i over the (valid) tokens; 1.0 at uniform load.
 
     f_i = assignments to i / (T*K): normalised by K too, else the loss is K at uniform load.
     P_i = mean of the normalised scores over ALL experts: a mean over the chosen top-k only
     has no gradient towards the experts the router ignores.
+    With a process group (data parallel), f_i counts the assignments of every rank's tokens
+    (one all-reduce of E counts and the token count, which carry no gradient) and P_i is this
+    rank's mean score: the mean of this loss over the ranks is then the loss of the global
+    batch, and so is the mean of its gradients (ranks with equal token counts, as in training).
     """
     T, E = scores_TE.shape
     K = experts_TK.shape[1]
     w_T = _token_weights(T, valid_T, scores_TE)
-    n = w_T.sum().clamp_min(1.0)
+    n = w_T.sum()
     counts_E = scores_TE.new_zeros(E).scatter_add_(0, experts_TK.flatten(), w_T.repeat_interleave(K))
-    f_E = counts_E / (n * K)
-    P_E = (_normalised(scores_TE) * w_T[:, None]).sum(dim=0) / n
+    P_E = (_normalised(scores_TE) * w_T[:, None]).sum(dim=0) / n.clamp_min(1.0)
+    if group is not None:
+        import torch.distributed as dist
+
+        counts_n = torch.cat([counts_E, n.view(1)]).detach()
+        dist.all_reduce(counts_n, group=group)
+        counts_E, n = counts_n[:E], counts_n[E]
+    f_E = counts_E / (n.clamp_min(1.0) * K)
     return E * (f_E * P_E).sum()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -62,12 +63,21 @@ def sample(probs_V: torch.Tensor, generator: torch.Generator | None = None) -> i
     return int(torch.multinomial(probs_V.cpu(), 1, generator=generator))
 
 
+def _cache_len(model: Transformer, prompt: list[int], max_new_tokens: int) -> int:
+    """Cache slots a generation can touch (the prompt, the new tokens, one speculative draft), not
+    max_seq_len: DeepSeek-V3's 163840 positions would be 23 GB of fp32 latent cache."""
+    return min(model.cfg.max_seq_len, len(prompt) + max_new_tokens + 1)
+
+
 def _check_prompt(model: Transformer, prompt: list[int]) -> None:
+    """A prompt must leave room for at least one new token."""
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token (one byte of text)")
-    if len(prompt) > model.cfg.max_seq_len:
-        raise ValueError(f"the prompt is {len(prompt)} tokens but the model's max_seq_len is "
-                         f"{model.cfg.max_seq_len}; shorten it")
+    limit = model.cfg.max_seq_len
+    if len(prompt) >= limit:
+        room = ", which leaves no room for a new token" if len(prompt) == limit else ""
+        raise ValueError(f"the prompt is {len(prompt)} tokens but the model's max_seq_len is {limit}{room}; "
+                         "shorten it")
 
 
 def _validate(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -94,7 +104,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     device = model.embed.weight.device
     seq = list(prompt)
     new: list[int] = []
-    cache = model.new_cache(1) if use_cache else None
+    cache = model.new_cache(1, _cache_len(model, prompt, max_new_tokens)) if use_cache else None
     fed = 0  # positions already in the cache
     while len(new) < max_new_tokens and len(seq) < model.cfg.max_seq_len:
         if use_cache:
@@ -132,11 +142,11 @@ class SpecStats:
 class _MTPDrafter:
     """MTP module 1 with its own KV cache: h_i (main) + Emb(t_{i+1}) -> a draft of t_{i+2}."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, max_len: int | None = None):
         self.model = model
         self.module = model.mtp[0]
         w = model.embed.weight
-        self.cache = self.module.block.attn.new_cache(1, model.cfg.max_seq_len, w.device, w.dtype)
+        self.cache = self.module.block.attn.new_cache(1, max_len or model.cfg.max_seq_len, w.device, w.dtype)
 
     def __call__(self, h_BSD: torch.Tensor, next_tokens: list[int], start_pos: int) -> torch.Tensor:
         """Feed positions start_pos.. (main hidden states and the tokens after them); logits of the last."""
@@ -176,8 +186,9 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
 
     if max_new_tokens == 0 or len(seq) >= limit:
         return new, stats
-    cache = model.new_cache(1)
-    drafter = _MTPDrafter(model)
+    cache_len = _cache_len(model, prompt, max_new_tokens)
+    cache = model.new_cache(1, cache_len)
+    drafter = _MTPDrafter(model, cache_len)
     logits_BSV, _, h_BSD = model(torch.tensor([seq], device=device), cache=cache, start_pos=0, return_hidden=True)
     stats.main_forwards += 1
     going = emit(sample(probs(logits_BSV[0, -1]), generator))
@@ -214,56 +225,131 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
 
 
 # ------------------------------------------------------------------------------ CLI
+def escape_controls(text: str) -> str:
+    """Control characters (ESC, BEL, ...) as visible escapes, so sampled bytes cannot drive the
+    terminal; newlines and tabs stay as they are."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
+
+
 class StreamPrinter:
     """Prints tokens as they come; bytes of a multi-byte character wait for the rest of it."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, escape: bool = False):
         self.stream = stream or sys.stdout
+        self.escape = escape
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, text: str) -> None:
+        self.stream.write(escape_controls(text) if self.escape else text)
+        self.stream.flush()
 
     def __call__(self, tok: int) -> None:
         text = self.decoder.decode(bytes([tok]))
         if text:
-            self.stream.write(text)
-            self.stream.flush()
+            self.write(text)
 
     def finish(self) -> None:
-        self.stream.write(self.decoder.decode(b"", final=True) + "\n")
-        self.stream.flush()
+        self.write(self.decoder.decode(b"", final=True))
+        self.write("\n")
+
+
+class HFTokenizer:
+    """A transformers tokenizer (of a converted checkpoint) behind ByteTokenizer's encode/decode."""
+
+    def __init__(self, folder: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError(f"{folder} holds a transformers tokenizer, but transformers is not installed; "
+                             "install it or pass --tokenizer bytes") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # transformers raises many kinds
+            raise ValueError(f"cannot load the tokenizer in {folder} ({type(e).__name__}: {e}); "
+                             "pass --tokenizer bytes or another folder") from None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(run_folder: str, choice: str = "auto") -> ByteTokenizer | HFTokenizer:
+    """'bytes', a folder with a transformers tokenizer, or 'auto': the run's tokenizer/ folder (written by
+    python -m moe convert) when it has one, else bytes."""
+    if choice == "bytes":
+        return ByteTokenizer()
+    folder = os.path.join(run_folder, "tokenizer") if choice == "auto" else choice
+    if choice == "auto" and not os.path.isdir(folder):
+        return ByteTokenizer()
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--tokenizer {choice}: no such folder")
+    return HFTokenizer(folder)
+
+
+class TextStreamPrinter(StreamPrinter):
+    """Streams a multi-byte tokenizer's output: decodes all new ids, prints what was not shown yet."""
+
+    def __init__(self, tokenizer: HFTokenizer, stream=None, escape: bool = False):
+        super().__init__(stream, escape)
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, tok: int) -> None:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):  # wait for a complete character
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.write((text[len(self.shown):] if text.startswith(self.shown) else "") + "\n")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from moe.checkpoint import load_model
 
     model, ckpt = load_model(args.run, args.device)
-    tok = ByteTokenizer()
+    tok = load_tokenizer(os.path.dirname(ckpt.path), args.tokenizer)
     prompt = tok.encode(args.prompt)
     temperature = 0.0 if args.greedy else args.temperature
+    _validate(args.max_new_tokens, temperature, args.top_k, args.top_p)
+    _check_prompt(model, prompt)  # before anything is printed
     if args.speculative and not len(model.mtp):
         raise ValueError(f"--speculative needs an MTP module, but {args.run} has n_mtp=0; "
                          "train with --set n_mtp=1")
+    escape = not args.raw and sys.stdout.isatty()
     generator = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        printer = StreamPrinter()
+        printer = (StreamPrinter(escape=escape) if isinstance(tok, ByteTokenizer)
+                   else TextStreamPrinter(tok, escape=escape))
         if args.stream:
-            sys.stdout.write(args.prompt)
-            sys.stdout.flush()
+            printer.write(args.prompt)
         t0 = time.perf_counter()
         on_token = printer if args.stream else None
-        if args.speculative:
-            new, stats = speculative_generate(model, prompt, args.max_new_tokens, temperature, args.top_k,
-                                              args.top_p, generator, on_token)
-        else:
-            new = generate(model, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p,
-                           generator=generator, on_token=on_token)
+        try:
+            if args.speculative:
+                new, stats = speculative_generate(model, prompt, args.max_new_tokens, temperature, args.top_k,
+                                                  args.top_p, generator, on_token)
+            else:
+                new = generate(model, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p,
+                               generator=generator, on_token=on_token)
+        except KeyboardInterrupt:
+            printer.finish()
+            print("[interrupted]", file=sys.stderr)
+            return 130
         dt = time.perf_counter() - t0
         if args.stream:
             printer.finish()
         else:
-            print(tok.decode(prompt + new))
+            printer.write(tok.decode(prompt + new) + "\n")
         line = f"[{len(new)} tokens in {dt:.2f} s, {len(new) / max(dt, 1e-9):.0f} tokens/s"
+        if len(new) < args.max_new_tokens:
+            line += f"; stopped at max_seq_len={model.cfg.max_seq_len}"
         if args.speculative:
             line += (f"; MTP drafts accepted {stats.accepted}/{stats.drafted} = {stats.acceptance:.0%}, "
                      f"{stats.tokens_per_forward:.2f} tokens per main-model forward")
@@ -274,24 +360,34 @@ def run_generate(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate", help="sample text from a trained run (KV cache; optional MTP speculative decoding)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Stream text from the last checkpoint of a run folder. Examples: "
                     "python -m moe generate runs/demo --prompt 'def ' --max-new-tokens 200 ; "
                     "python -m moe generate runs/demo --prompt 'The ' --greedy --speculative")
     p.add_argument("run", metavar="OUT", help="run folder written by train (or one of its ckpt-* folders)")
-    p.add_argument("--prompt", default="The ", help="text to continue (UTF-8)")
+    p.add_argument("--prompt", default="The ", help="text to continue (UTF-8; default: 'The ')")
     p.add_argument("--max-new-tokens", type=positive_int, default=200,
-                   help="tokens (bytes) to add; generation also stops when the sequence fills max_seq_len")
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="sampling temperature, 0 = greedy")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens only")
+                   help="tokens (bytes) to add; generation also stops when the sequence fills max_seq_len "
+                        "(default: 200)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8,
+                   help="sampling temperature, 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample among the k most likely tokens only (default: all)")
     p.add_argument("--top-p", type=probability, default=None,
-                   help="nucleus sampling: the smallest set of tokens holding this probability mass")
+                   help="nucleus sampling: the smallest set of tokens holding this probability mass (default: off)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (= --temperature 0)")
     p.add_argument("--speculative", action="store_true",
                    help="draft with the MTP module and verify with the main model (needs n_mtp >= 1); "
                         "reports acceptance and tokens per main-model forward")
-    p.add_argument("--num-samples", type=positive_int, default=1, help="independent samples to draw")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--no-stream", dest="stream", action="store_false", help="print once at the end")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="independent samples to draw (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="print the text once at the end (default: stream tokens as they come)")
+    p.add_argument("--tokenizer", default="auto", metavar="auto|bytes|DIR",
+                   help="bytes (the byte tokenizer of trained runs), a folder holding a transformers tokenizer, or "
+                        "auto: the run's tokenizer/ folder (copied there by python -m moe convert) if it has one, "
+                        "else bytes (default: auto)")
+    p.add_argument("--raw", action="store_true",
+                   help="write sampled bytes as they are; by default control characters (ESC ...) are shown "
+                        "escaped when the output is a terminal")
     p.set_defaults(func=run_generate)

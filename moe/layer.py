@@ -61,6 +61,8 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.n_routed_experts), persistent=False)
         for name in STATS_BUFFERS[1:]:
             self.register_buffer(name, torch.zeros(()), persistent=False)
+        # the ranks whose tokens form one batch for the batch-level aux loss (set by moe.parallel)
+        self.group = None
 
     def _apply(self, fn, recurse=True):
         """model.to(dtype) / .bfloat16() move the statistics with the model but keep them fp32:
@@ -103,7 +105,8 @@ class MoE(nn.Module):
         """The enabled balancing terms of this layer's routing, each already times its coefficient."""
         cfg, losses = self.cfg, {}
         if cfg.aux_loss_alpha > 0:
-            losses["aux"] = cfg.aux_loss_alpha * balance.switch_aux_loss(r.scores_TE, r.experts_TK, valid_T)
+            losses["aux"] = cfg.aux_loss_alpha * balance.switch_aux_loss(r.scores_TE, r.experts_TK, valid_T,
+                                                                         self.group)
         if cfg.seq_aux_loss_alpha > 0:
             losses["seq_aux"] = cfg.seq_aux_loss_alpha * balance.seq_aux_loss(r.scores_TE, r.experts_TK, batch,
                                                                               valid_T)

@@ -19,7 +19,7 @@ from moe.attention import RMSNorm, build_attention
 from moe.config import ModelConfig
 from moe.init import init_weights
 from moe.layer import MLP, MoE
-from moe.rope import rope_tables
+from moe.rope import cfg_frequencies, rope_tables
 
 IGNORE_INDEX = -100  # targets with this value add no loss
 
@@ -65,7 +65,8 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.n_mtp))
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.mha_head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        # plain RoPE, or YaRN's frequencies when max_seq_len > original_seq_len (moe/rope.py)
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, freqs=cfg_frequencies(cfg, rope_dim))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()

@@ -187,6 +187,119 @@ def plot_expert_load(records: list[dict], layer_names: list[str] | None = None) 
     return fig
 
 
+# ---------------------------------------------------------------------------- expert parallelism
+# Inputs: routing choices per rank (the picture of moe/parallel.py's dispatch) and the traffic
+# model of moe.accounting.ep_traffic (experiments/parallel_traffic.py gathers both).
+
+
+def plot_ep_dispatch(experts_by_rank: list[list[list[int]]], n_experts: int) -> Figure:
+    """Dispatch / compute / combine of moe.parallel for a few tokens on a few ranks.
+
+    experts_by_rank[r][t]: the experts token t of rank r chose. Each rank sorts its (token,
+    expert) rows by expert (= by destination rank), the all-to-all moves every row to the rank
+    holding its expert (grouped by source rank there), the experts run, and the reverse
+    all-to-all brings the results back to be weighted and added onto their tokens.
+    """
+    W = len(experts_by_rank)
+    L = n_experts // W
+    colors = plt.get_cmap("tab10" if n_experts <= 10 else "tab20")
+    sent = []  # per rank: (token, expert) rows in sorted order
+    for choices in experts_by_rank:
+        rows = [(t, e) for t, es in enumerate(choices) for e in es]
+        sent.append(sorted(rows, key=lambda te: te[1]))  # stable: token order inside an expert
+    received = [[(s, t, e) for s in range(W) for t, e in sent[s] if e // L == r] for r in range(W)]
+    n_rows = max(max(len(x) for x in sent), max(len(x) for x in received), 1)
+    h, gap = 0.8, 1.5
+    band = n_rows + gap
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.32 * band * W))
+    cols = {"tokens": 0.0, "sent": 2.6, "recv": 6.6, "experts": 9.0, "combine": 11.4}
+
+    def box(x, y, w, label, color, fs=7):
+        ax.add_patch(plt.Rectangle((x, y - h / 2), w, h, facecolor=color, edgecolor="black", linewidth=0.5))
+        ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=fs)
+
+    def y_of(r, i):
+        return -(r * band + i)
+
+    for r in range(W):
+        top = y_of(r, 0) + 1.1
+        ax.text(-0.3, y_of(r, 0) - (n_rows - 1) / 2, f"rank {r}", ha="right", va="center", fontsize=10,
+                fontweight="bold", rotation=90)
+        for t, es in enumerate(experts_by_rank[r]):
+            box(cols["tokens"], y_of(r, t), 0.9, f"t{t}", "white")
+            for k, e in enumerate(es):
+                box(cols["tokens"] + 1.0 + 0.42 * k, y_of(r, t), 0.38, f"{e}", colors(e), fs=6)
+        for i, (t, e) in enumerate(sent[r]):
+            box(cols["sent"], y_of(r, i), 1.3, f"t{t} -> E{e}", colors(e))
+        for i, (s, t, e) in enumerate(received[r]):
+            box(cols["recv"], y_of(r, i), 1.5, f"r{s} t{t} -> E{e}", colors(e))
+        for j in range(L):
+            e = r * L + j
+            rows = [i for i, (_, _, ee) in enumerate(received[r]) if ee == e]
+            ymid = y_of(r, (rows[0] + rows[-1]) / 2) if rows else y_of(r, j)
+            box(cols["experts"], ymid, 1.3, f"E{e}: {len(rows)} rows", colors(e), fs=7)
+            for i in rows:
+                ax.plot([cols["recv"] + 1.5, cols["experts"]], [y_of(r, i), ymid], color=colors(e), lw=0.6)
+        for t, es in enumerate(experts_by_rank[r]):
+            terms = " + ".join(f"w{k} E{e}" for k, e in enumerate(es))
+            box(cols["combine"], y_of(r, t), 2.0, f"y_t{t} = {terms}", "white")
+        if r == 0:
+            for x, text in ((cols["tokens"], "tokens, their top-k experts"),
+                            (cols["sent"], "1 dispatch: sort rows by expert\n(= by destination rank)"),
+                            (cols["recv"], "received: by source rank,\nthen by expert"),
+                            (cols["experts"], "2 compute: this\nrank's experts"),
+                            (cols["combine"], "3 combine: the reverse all-to-all\nbrings results home, weighted sum")):
+                ax.text(x, top, text, ha="left", va="bottom", fontsize=8)
+    # the all-to-all: every row from its place on the sending rank to its place on the receiving rank
+    for s in range(W):
+        for i, (t, e) in enumerate(sent[s]):
+            r = e // L
+            j = received[r].index((s, t, e))
+            ax.annotate("", xy=(cols["recv"], y_of(r, j)), xytext=(cols["sent"] + 1.3, y_of(s, i)),
+                        arrowprops={"arrowstyle": "->", "color": colors(e), "lw": 0.7,
+                                    "alpha": 1.0 if r != s else 0.4})
+    ax.text(cols["sent"] + 1.5, y_of(W - 1, n_rows) - 0.2,
+            "all-to-all with uneven splits (the row counts are exchanged first); faint: rows that stay on their rank",
+            ha="left", fontsize=8, style="italic")
+    ax.set_xlim(-0.8, 13.6)
+    ax.set_ylim(y_of(W - 1, n_rows) - 1.0, 2.4)
+    ax.axis("off")
+    ax.set_title(f"Expert parallelism: {n_experts} experts over {W} ranks ({L} each)", fontsize=11)
+    return fig
+
+
+def plot_ep_traffic(ep_sizes: list[int], bytes_per_token: dict[str, list[float]],
+                    cross_node_rows: dict[str, float], model: str = "", max_nodes: int | None = None) -> Figure:
+    """Left: all-to-all bytes per token (fwd + bwd, all MoE layers) vs EP size, per element type.
+    Right: rows per token and MoE layer that cross nodes: one per assignment, once per node, node-limited."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in bytes_per_token.items():
+        ax1.plot(ep_sizes, [v / 1e6 for v in values], "o-", label=name)
+        for x, v in zip(ep_sizes, values):
+            ax1.annotate(f"{v / 1e6:.1f}", (x, v / 1e6), textcoords="offset points", xytext=(0, 5),
+                         ha="center", fontsize=7)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks(ep_sizes, [str(x) for x in ep_sizes])
+    ax1.set_xlabel("expert-parallel ranks")
+    ax1.set_ylabel("MB sent per token (fwd + bwd)")
+    ax1.set_title(f"All-to-all traffic per token{', ' + model if model else ''}")
+    ax1.set_ylim(bottom=0)
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    labels = list(cross_node_rows)
+    bars = ax2.bar(labels, list(cross_node_rows.values()), color=["tab:gray", "tab:blue", "tab:green"][:len(labels)])
+    for b, v in zip(bars, cross_node_rows.values()):
+        ax2.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    if max_nodes is not None:
+        ax2.axhline(max_nodes, color="tab:green", linestyle=":", label=f"bound: {max_nodes} nodes")
+        ax2.legend(fontsize=8)
+    ax2.set_ylabel("rows per token per MoE layer")
+    ax2.set_title("Crossing nodes (InfiniBand), one way")
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------------------- load-balancing figures
 # Inputs come from experiments/balancing.py (plain lists: steps x layers, layers x experts).
 

@@ -197,13 +197,15 @@ def test_training_into_an_existing_run_needs_a_choice(run_dir, files, capsys):
     (["--seed", "x"], "argument --seed: invalid int value"),
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "x" * 100], "the prompt is 100 tokens but the model's max_seq_len is 64"),
+    (["--prompt", "x" * 64], "max_seq_len is 64, which leaves no room for a new token"),
     (["--speculative"], "--speculative needs an MTP module"),
     (["--device", "quantum"], "unknown device 'quantum'"),
 ])
 def test_bad_generate_flags(run_dir, flags, message, capsys):
-    code, _, stderr = run(["generate", run_dir, "--device", "cpu", *flags] if "--device" not in flags
-                          else ["generate", run_dir, *flags], capsys)
+    code, stdout, stderr = run(["generate", run_dir, "--device", "cpu", *flags] if "--device" not in flags
+                               else ["generate", run_dir, *flags], capsys)
     assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert stdout == ""  # nothing (not even the prompt) is printed before the input is checked
 
 
 def test_generate_and_info_on_missing_or_broken_runs(tmp_path, run_dir, capsys):
@@ -238,3 +240,50 @@ def test_an_unwritable_corpus_cache_falls_back_to_memory(tmp_path, monkeypatch, 
     corpus = data.load_embedded_corpus()
     assert len(corpus.train) > 100_000 and corpus.domains == ("prose", "code")
     assert "warning: cannot cache the corpus" in capsys.readouterr().err
+
+
+def _fake_generate(tokens: list[int], interrupt: bool = False):
+    """A stand-in for moe.generate.generate that emits the given bytes (then Ctrl-C, if asked)."""
+    def fake(model, prompt, max_new_tokens, *args, on_token=None, **kwargs):
+        for t in tokens:
+            if on_token is not None:
+                on_token(t)
+        if interrupt:
+            raise KeyboardInterrupt
+        return list(tokens)
+    return fake
+
+
+def test_control_bytes_are_escaped_on_a_terminal_unless_raw(run_dir, capsys, monkeypatch):
+    from moe import generate as gen
+
+    monkeypatch.setattr(gen, "generate", _fake_generate([27, 91, 50, 74, 7, 10]))  # ESC [2J BEL \n
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    for stream in ([], ["--no-stream"]):
+        code, stdout, _ = run(["generate", run_dir, "--device", "cpu", "--prompt", "x", *stream], capsys)
+        assert code == 0 and stdout.startswith("x\\x1b[2J\\x07\n") and "\x1b" not in stdout
+        code, stdout, _ = run(["generate", run_dir, "--device", "cpu", "--prompt", "x", "--raw", *stream], capsys)
+        assert code == 0 and stdout.startswith("x\x1b[2J\x07\n")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # a pipe or file gets the bytes
+    code, stdout, _ = run(["generate", run_dir, "--device", "cpu", "--prompt", "x"], capsys)
+    assert code == 0 and stdout.startswith("x\x1b[2J")
+
+
+def test_ctrl_c_while_generating_exits_130_without_a_traceback(run_dir, capsys, monkeypatch):
+    from moe import generate as gen
+
+    monkeypatch.setattr(gen, "generate", _fake_generate([104, 105], interrupt=True))
+    code, stdout, stderr = run(["generate", run_dir, "--device", "cpu", "--prompt", "x"], capsys)
+    assert code == 130 and stdout == "xhi\n" and "[interrupted]" in stderr and "Traceback" not in stderr
+
+
+def test_generation_cut_by_max_seq_len_says_so(run_dir, capsys):
+    code, stdout, stderr = run(["generate", run_dir, "--device", "cpu", "--prompt", "x" * 60,
+                                "--max-new-tokens", "10"], capsys)
+    assert code == 0 and "[4 tokens in" in stderr and "stopped at max_seq_len=64" in stderr
+
+
+def test_generate_help_shows_true_defaults(capsys):
+    code, stdout, _ = run(["generate", "--help"], capsys)
+    assert code == 0 and "(default: True)" not in stdout and "(default: False)" not in stdout
+    assert "--raw" in stdout and "(default: stream tokens as they come)" in " ".join(stdout.split())
