@@ -412,8 +412,8 @@ def loss_matches_the_dispatch(loss: torch.Tensor, loads_E: list[float], scores_T
     counted (so the loss saw the biased, group-limited choice the tokens really took)."""
     E, T = len(loads_E), scores_TE.shape[0]
     f = torch.tensor(loads_E) / (T * K)
-    return math.isclose(float(loss.detach()), alpha * E * float((f * balance._normalised(scores_TE).mean(0)).sum()),
-                        rel_tol=1e-5)
+    expected = alpha * E * float((f * balance._normalised(scores_TE.detach()).mean(0)).sum())
+    return math.isclose(float(loss.detach()), expected, rel_tol=1e-5)
 
 
 def test_seq_aux_loss_uses_the_routing_the_dispatch_used():
