@@ -4,7 +4,9 @@ Shapes: B batch, S sequence, D model dim, V vocabulary.
 
 forward(tokens_BS, targets_BS=None) returns (logits_BSV, losses) where losses holds the
 balancing terms of every MoE layer ("aux", "seq_aux", "z": each already times its
-coefficient) and, given targets, "ce", "mtp" (when n_mtp > 0) and their sum "loss".
+coefficient, summed over layers) and, given targets, "ce", "mtp" (when n_mtp > 0) and their
+sum "loss". "ce" is the cross entropy alone: log it, not "loss", to compare models.
+Positions whose target is IGNORE_INDEX count neither in the loads nor in the balance losses.
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if use_moe else MLP(cfg, cfg.inter_dim)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: dict | None = None, start_pos: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cache: dict | None = None, start_pos: int = 0,
+                valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """valid_BS: the positions that count for load balancing (None = all)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, start_pos)
-        h = self.ffn(self.ffn_norm(x_BSD))
-        h, losses = h if isinstance(h, tuple) else (h, {})
+        if isinstance(self.ffn, MoE):
+            h, losses = self.ffn(self.ffn_norm(x_BSD), valid_BS)
+        else:
+            h, losses = self.ffn(self.ffn_norm(x_BSD)), {}
         return x_BSD + h, losses
 
 
@@ -114,9 +120,12 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start_pos:start_pos + S]
         sin = self.rope_sin[start_pos:start_pos + S]
         h_BSD = self.embed(tokens_BS)
+        # balancing covers the positions the cross entropy covers: an ignored target (padding)
+        # adds nothing to the loads or the balance losses
+        valid_BS = None if targets_BS is None else targets_BS != IGNORE_INDEX
         losses: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.layers):
-            h_BSD, block_losses = block(h_BSD, cos, sin, None if cache is None else cache[i], start_pos)
+            h_BSD, block_losses = block(h_BSD, cos, sin, None if cache is None else cache[i], start_pos, valid_BS)
             add_losses(losses, block_losses)
         logits_BSV = self.head(self.norm(h_BSD))
         if targets_BS is None:

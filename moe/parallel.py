@@ -31,7 +31,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.experts import Experts, sort_by_expert
-from moe.layer import moe_layers
+from moe.layer import STATS_BUFFERS, moe_layers
 
 MODES = ("none", "dp", "ep")
 FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -223,11 +223,10 @@ class Parallel:
     # ---------------------------------------------------------------- statistics
     @torch.no_grad()
     def all_reduce_routing_stats(self, model: nn.Module) -> None:
-        """Tokens per expert (and drops) over every rank's batch: the bias update sees the global load,
-        so every rank applies the same update to its copy of the bias."""
+        """Tokens per expert (and drops, router entropy) over every rank's batch: the bias update sees
+        the global load, so every rank applies the same update to its copy of the bias."""
         if self.group is not None:
-            _all_reduce_sum([t for m in moe_layers(model) for t in (m.tokens_per_expert_E, m.dropped_tokens)],
-                            self.group)
+            _all_reduce_sum([getattr(m, name) for m in moe_layers(model) for name in STATS_BUFFERS], self.group)
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """The mean over ranks of each value (losses: each rank has its own micro-batch)."""

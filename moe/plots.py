@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def save(fig: Figure, path: str | os.PathLike) -> str:
+def save(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> str:
     """Write fig to path (creating the folder) and close it; returns the path."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -298,6 +298,185 @@ def plot_ep_traffic(ep_sizes: list[int], bytes_per_token: dict[str, list[float]]
     ax2.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------- load-balancing figures
+# Inputs come from experiments/balancing.py (plain lists: steps x layers, layers x experts).
+
+
+def _grid(n: int, cols: int = 3, size: tuple[float, float] = (4.0, 2.8), **kw):
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, min(cols, n), figsize=(size[0] * min(cols, n), size[1] * rows), squeeze=False,
+                             **kw)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
+def plot_load_curves(curves: dict[str, list[list[float]]], layer_names: list[str] | None = None,
+                     floor: float | None = None, title: str = "Load imbalance per layer") -> Figure:
+    """max/mean tokens per expert over training, one panel per mode, one line per MoE layer.
+
+    curves: mode -> per step, one value per layer. floor: the value a perfectly balanced random
+    router would show at this batch size (drawn dotted).
+    """
+    fig, axes = _grid(len(curves), size=(3.6, 2.5), sharey=True)
+    for ax, (mode, per_step) in zip(axes, curves.items()):
+        for layer in range(len(per_step[0]) if per_step else 0):
+            name = layer_names[layer] if layer_names else f"MoE layer {layer}"
+            ax.plot(range(1, len(per_step) + 1), _ema([v[layer] for v in per_step]), label=name, linewidth=1.2)
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+        if floor is not None:
+            ax.axhline(floor, color="tab:red", linestyle=":", linewidth=1, label="balanced-router noise")
+        ax.set_title(mode, fontsize=10)
+        ax.set_ylim(bottom=0.9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("optimizer step", fontsize=8)
+    axes[0].set_ylabel("max / mean load (smoothed)", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_load_heatmaps(shares: dict[str, list[list[float]]], layer_names: list[str] | None = None,
+                       title: str = "Expert load at the end (tokens x E / total; 1 = fair share)") -> Figure:
+    """One layer x expert heatmap per mode, on one colour scale."""
+    fig, axes = _grid(len(shares), size=(3.4, 2.2))
+    vmax = max(max(max(row) for row in s) for s in shares.values())
+    im = None
+    for ax, (mode, share) in zip(axes, shares.items()):
+        im = ax.imshow(share, cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
+        ax.set_title(mode, fontsize=10)
+        ax.set_xticks(range(len(share[0])))
+        ax.set_yticks(range(len(share)), layer_names if layer_names else None, fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    return fig
+
+
+def plot_bias_trajectories(bias: list[list[list[float]]], layer_names: list[str] | None = None,
+                           title: str = "Aux-loss-free correction bias per expert") -> Figure:
+    """bias: per step, per layer, per expert. One panel per layer, one line per expert."""
+    n_layers = len(bias[0])
+    fig, axes = _grid(n_layers, size=(3.6, 2.5), sharey=True)
+    steps = range(1, len(bias) + 1)
+    for layer, ax in enumerate(axes):
+        for e in range(len(bias[0][layer])):
+            ax.plot(steps, [b[layer][e] for b in bias], linewidth=1, color=plt.cm.tab10(e % 10), label=f"expert {e}")
+        ax.axhline(0.0, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(layer_names[layer] if layer_names else f"MoE layer {layer}", fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("bias (added to the selection score)", fontsize=8)
+    axes[-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_collapse(curves: dict[str, list[float]], shares: dict[str, list[list[float]]], setting: str,
+                  layer_names: list[str] | None = None, shares_label: str = "last step") -> Figure:
+    """Top: the worst layer's max/mean load over steps, one line per mode. Bottom: each mode's
+    layer x expert load (shares_label says of which tokens)."""
+    n = len(shares)
+    fig = plt.figure(figsize=(3.0 * n, 6.6))
+    grid = fig.add_gridspec(2, n, height_ratios=[1.3, 1], hspace=0.45)
+    top = fig.add_subplot(grid[0, :])
+    for mode, values in curves.items():
+        top.plot(range(1, len(values) + 1), _ema(values), label=mode, linewidth=1.4)
+    top.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    top.set_ylim(bottom=0.9)
+    top.set_xlabel("optimizer step")
+    top.set_ylabel("worst layer: max / mean load")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    top.set_title(f"Collapse and the fixes: {setting}", fontsize=10)
+    vmax = max(max(max(row) for row in s) for s in shares.values())
+    im = None
+    for i, (mode, share) in enumerate(shares.items()):
+        ax = fig.add_subplot(grid[1, i])
+        im = ax.imshow(share, cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
+        ax.set_title(f"{mode} ({shares_label})", fontsize=9)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_yticks(range(len(share)), layer_names if (layer_names and i == 0) else [""] * len(share), fontsize=7)
+    fig.colorbar(im, ax=fig.axes[1:], shrink=0.8, label="tokens x E / total")
+    return fig
+
+
+def plot_domain_usage(usage: list[dict[str, list[float]]], mi_bits: list[float], mi_max_bits: float,
+                      layer_names: list[str] | None = None, title: str = "Expert usage by domain") -> Figure:
+    """usage: per layer, domain -> share of that domain's assignments on each expert (times E,
+    1 = fair share). mi_bits: per layer, the mutual information of domain and chosen experts."""
+    fig, axes = _grid(len(usage), size=(4.2, 2.8), sharey=True)
+    for layer, (ax, per_domain) in enumerate(zip(axes, usage)):
+        n_dom = len(per_domain)
+        width = 0.8 / n_dom
+        for d, (domain, shares) in enumerate(per_domain.items()):
+            xs = [e + (d - (n_dom - 1) / 2) * width for e in range(len(shares))]
+            ax.bar(xs, shares, width, label=domain)
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+        name = layer_names[layer] if layer_names else f"MoE layer {layer}"
+        ax.set_title(f"{name}: I = {mi_bits[layer]:.3f} of {mi_max_bits:.3f} bits", fontsize=9)
+        ax.set_xticks(range(len(next(iter(per_domain.values())))))
+        ax.set_xlabel("expert", fontsize=8)
+    axes[0].set_ylabel("share of the domain's assignments x E", fontsize=8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _expert_colour(e: int) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(plt.cm.tab10(e % 10))
+
+
+def _display(ch: str) -> str:
+    return {"\n": "\u21b5", "\t": "\u2192", " ": "\u00b7"}.get(ch, ch if ch.isprintable() else "?")
+
+
+def plot_routing_text(text: str, experts: list[int], n_experts: int, title: str, width: int = 64) -> Figure:
+    """Each character on a cell coloured by its top expert (newlines shown as a return sign)."""
+    from matplotlib.patches import Patch, Rectangle
+
+    lines: list[list[tuple[str, int]]] = [[]]
+    for ch, e in zip(text, experts):
+        lines[-1].append((ch, e))
+        if ch == "\n" or len(lines[-1]) >= width:
+            lines.append([])
+    lines = [line for line in lines if line]
+    fig, ax = plt.subplots(figsize=(width * 0.13 + 0.5, len(lines) * 0.24 + 0.9))
+    for y, line in enumerate(lines):
+        for x, (ch, e) in enumerate(line):
+            ax.add_patch(Rectangle((x, -y - 1), 1, 1, color=_expert_colour(e), alpha=0.55, lw=0))
+            ax.text(x + 0.5, -y - 0.5, _display(ch), ha="center", va="center", fontsize=7, family="monospace")
+    ax.set_xlim(0, width)
+    ax.set_ylim(-len(lines), 0)
+    ax.axis("off")
+    handles = [Patch(color=_expert_colour(e), alpha=0.55, label=str(e)) for e in range(n_experts)]
+    ax.legend(handles=handles, title="top expert", fontsize=7, title_fontsize=7, ncol=n_experts,
+              loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def routing_html(text: str, experts: list[int], n_experts: int, title: str) -> str:
+    """The same picture as plot_routing_text, as a standalone HTML page (hover shows the expert)."""
+    import html
+
+    cells = "".join(f'<span style="background:{_expert_colour(e)}8c" title="expert {e}">{html.escape(ch)}</span>'
+                    for ch, e in zip(text, experts))
+    legend = " ".join(f'<span style="background:{_expert_colour(e)}8c">&nbsp;{e}&nbsp;</span>'
+                      for e in range(n_experts))
+    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title></head>"
+            "<body style=\"font-family:sans-serif\">\n<h3>" + html.escape(title) + "</h3>\n<p>top expert: " + legend
+            + "</p>\n<pre style=\"font-size:14px;line-height:1.5\">" + cells + "</pre>\n</body></html>\n")
 
 
 # ---------------------------------------------------------------------------- FP8 figures

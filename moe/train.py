@@ -7,7 +7,8 @@ One optimizer step:
   clip the gradient norm, AdamW step
   read the routing counts (logging), moe.balance.update_bias (aux-loss-free), reset the counts
 The counts are reset after every step (and after every eval), so the bias only ever sees
-training tokens of the step it follows.
+training tokens of the step it follows, all its micro-batches once. With bias_freeze_frac the
+bias stops moving for the last part of the run (DeepSeek-V3: gamma 0 for its last 500B tokens).
 
 Before anything in the run folder is touched, every input is checked: the folder is writable,
 the config and the data load, seq_len fits, the model fits in memory. The run folder's layout,
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.accounting import training_state_bytes
-from moe.balance import update_bias
+from moe.balance import MODES as BALANCE_MODES
+from moe.balance import mode_fields, update_bias
 from moe.checkpoint import (
     RunLock,
     check_out_dir,
@@ -49,7 +51,7 @@ from moe.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from moe.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from moe.cli import checked, non_negative_float, non_negative_int, positive_float, positive_int
 from moe.config import PRESETS, ModelConfig, get_preset, parse_overrides
 from moe.data import DEFAULT_MAX_DATA_MB, Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
 from moe.device import autocast, available_bytes, resolve_device
@@ -90,6 +92,7 @@ class TrainConfig:
     plots: bool = True  # write OUT/plots at the end
     overwrite: bool = False  # start afresh in an OUT that already holds a run
     max_data_mb: int = DEFAULT_MAX_DATA_MB  # refuse --data files larger than this (an endless file never ends)
+    bias_freeze_frac: float = 0.0  # the last fraction of the steps with the balancing bias frozen (V3: ~0.034)
     # several processes (launched by torchrun; moe/parallel.py): each has its own micro-batch of
     # batch_size sequences, so one optimizer step sees world * batch_size * grad_accum sequences
     parallel: str = "none"  # "none" (one process), "dp" (data parallel), "ep" (experts sharded, the rest DP)
@@ -125,6 +128,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        f = self.bias_freeze_frac
+        if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1):
+            raise ValueError(f"bias_freeze_frac must be a number in [0, 1], got {f!r}")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= v < 1):
@@ -151,6 +157,11 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------ small pieces
+def bias_update_steps(tc: TrainConfig) -> int:
+    """The aux-loss-free bias moves after optimizer steps 1..n and is frozen after the rest."""
+    return tc.steps - math.floor(tc.bias_freeze_frac * tc.steps + 1e-9)
+
+
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
     if step < tc.warmup_steps:
@@ -363,6 +374,7 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
     save_every = tc.eval_interval if tc.save_interval is None else tc.save_interval
     B = tc.batch_size
     tokens_per_step = ps.world * B * tc.seq_len * tc.grad_accum
+    bias_steps = bias_update_steps(tc)
     params = [p for p in model.parameters() if p.requires_grad]
     last_ckpt = ckpt.path if ckpt is not None else None
     last: dict[str, Any] = {}
@@ -411,7 +423,8 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
                 optimizer.zero_grad(set_to_none=True)
                 ps.all_reduce_routing_stats(model)  # the global load: every rank's bias moves alike
                 stats = routing_stats(model)  # counts of this step's micro-batches
-                update_bias(model)
+                if step < bias_steps:
+                    update_bias(model)
                 reset_routing_stats(model)
                 step += 1
                 dt = time.perf_counter() - t0
@@ -420,13 +433,16 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
                 record: dict[str, Any] = {"step": step, **terms, "lr": lr, "grad_norm": grad_norm,
                                           "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                                           "elapsed_s": elapsed,
-                                          "load_max_over_mean": stats["max_over_mean_load"]}
+                                          "load_max_over_mean": stats["max_over_mean_load"],
+                                          "tokens_per_expert": stats["tokens_per_expert"],
+                                          "router_entropy": stats["router_entropy"]}
+                if any(b is not None for b in stats["bias"]):
+                    record["bias"] = stats["bias"]  # what this step routed with (before its update)
                 if model_cfg.capacity_factor is not None:
                     record["dropped"] = stats["dropped"]
                 stop_now = ps.any(stop.requested)  # a Ctrl-C seen by one rank stops every rank
                 is_last = step == end_step or stop_now
                 if is_last or (tc.eval_interval and step % tc.eval_interval == 0):
-                    record["tokens_per_expert"] = stats["tokens_per_expert"]
                     # no activations are kept for backward, so 4x the training batch fits
                     record.update(evaluate(model, corpus, tc.seq_len, tc.eval_windows, 4 * tc.batch_size, device))
                     record["unigram_loss"] = unigram
@@ -511,16 +527,19 @@ _TRAIN_FLAGS = {"steps": "steps", "stop_at": "stop_at", "batch_size": "batch_siz
                 "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
                 "eval_windows": "eval_windows", "save_interval": "save_interval", "seed": "seed",
                 "device": "device", "threads": "threads", "data": "data", "max_data_mb": "max_data_mb",
-                "parallel": "parallel", "ep_size": "ep_size", "dist_timeout": "dist_timeout"}
+                "parallel": "parallel", "ep_size": "ep_size", "dist_timeout": "dist_timeout",
+                "bias_freeze_frac": "bias_freeze_frac"}
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig | None:
-    """--config FILE or --preset NAME, then --set overrides; None when none of them is given."""
+    """--config FILE or --preset NAME, then --balance NAME, then --set overrides; None when none is given."""
     cfg = None
     if args.config:
         cfg = ModelConfig.load(args.config)
     elif args.preset:
         cfg = get_preset(args.preset)
+    if getattr(args, "balance", None):
+        cfg = (cfg or get_preset("toy")).replace(**mode_fields(args.balance))
     if args.set:
         cfg = (cfg or get_preset("toy")).replace(**parse_overrides(args.set))
     return cfg
@@ -575,6 +594,9 @@ def summary_text(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+_unit_fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()  # defaults shown in --help come from the dataclass
     p = subparsers.add_parser(
@@ -588,6 +610,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--config", metavar="FILE.json", default=None, help="a ModelConfig JSON file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set n_mtp=1 (repeatable)")
+    p.add_argument("--balance", choices=list(BALANCE_MODES), default=None, metavar="MODE",
+                   help="load balancing recipe, set before --set: " + ", ".join(
+                       f"{name} ({', '.join(f'{k}={v:g}' for k, v in fields.items() if v) or 'all off'})"
+                       for name, fields in BALANCE_MODES.items()) + " (default: the preset's own)")
+    p.add_argument("--bias-freeze-frac", type=_unit_fraction, default=None,
+                   help="freeze the balancing bias for this last fraction of --steps, as DeepSeek-V3 did "
+                        f"for its last ~3.4%% of tokens (default: {d.bias_freeze_frac:g})")
     p.add_argument("--out", default=None, help=f"run folder (default: {d.out})")
     p.add_argument("--resume", metavar="OUT", default=None,
                    help="continue the run in OUT from its last checkpoint (bit for bit); flags you pass "
