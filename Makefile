@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install test test-fast lint demo figures clean
+.PHONY: install test test-fast lint nbcheck demo figures clean
 
 install: $(STAMP)
 
@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml constraints.txt
 lint: install
 	$(PY) -m ruff check moe tests experiments benchmarks
 
+# notebooks are committed without outputs or execution counts: this fails (exit 1) naming each one
+# that has any; `$(PY) -m nbstripout notebooks/*.ipynb` strips them in place
+nbcheck: install
+	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb
+
 # the whole suite, slow tests and notebooks (executed by nbmake) included; CI runs this
-test: lint
+test: lint nbcheck
 	$(PY) -m pytest -q --nbmake tests notebooks
 
 # the quick loop while developing
-test-fast: lint
+test-fast: lint nbcheck
 	$(PY) -m pytest -q -m "not slow"
 
 # about 2-3 minutes on 2 CPU cores, offline: train the toy preset plus one MTP module (the

@@ -10,6 +10,7 @@ random bytes (throughput does not depend on the text). Entries are timed interle
   python benchmarks/train_step.py                       # toy preset, 16 x 128 tokens, 2 threads
   python benchmarks/train_step.py --compile             # also torch.compile'd models
   python benchmarks/train_step.py --device cuda --set dim=512 --batch-size 32
+  python benchmarks/train_step.py --fp8 blockwise --impls auto --threads 1   # simulated FP8 vs fp32
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--fp8", default="", metavar="RECIPES",
+                    help="also time the MoE model with these simulated FP8 recipes (moe/fp8.py), e.g. blockwise")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per entry per round")
     ap.add_argument("--warmup", type=int, default=2)
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     cfg = get_preset(args.preset).replace(**parse_overrides(args.set))
     configs = {f"moe[{impl}]": cfg.replace(expert_impl=impl) for impl in args.impls.split(",") if impl}
+    for recipe in filter(None, args.fp8.split(",")):
+        configs[f"moe+fp8={recipe}"] = cfg.replace(fp8=recipe)
     configs["dense"] = dense_baseline(cfg)
     trainers = {name: Trainer(c, device, False) for name, c in configs.items()}
     if args.compile:
@@ -135,6 +140,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         load = "-" if r["load_max_over_mean"] is None else f"{r['load_max_over_mean']:.2f}"
         print(f"{r['name']:<20}{r['tok_s']:>9.0f}{r['step_ms']:>9.1f}{r['step_min_ms']:>8.1f}{r['vs_dense']:>9.2f}"
               f"{r['params_total'] / 1e6:>9.2f}M{r['params_active'] / 1e6:>9.2f}M{load:>14}")
+    fp32 = next((r for r in rows if r["name"].startswith("moe[")), None)
+    for r in rows:
+        if "+fp8=" in r["name"] and fp32 is not None:
+            r["vs_fp32_step"] = r["step_ms"] / fp32["step_ms"]
+            print(f"{r['name']}: {r['vs_fp32_step']:.2f}x the step time of {fp32['name']} (fp32)")
     print(f"load average at start {load_start}, at end {meta['loadavg_end']}")
     out = dict(meta=meta, rows=rows)
     print("JSON " + json.dumps(out))

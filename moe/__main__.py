@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module registers its own subcommands through `register(subparsers)`.
-CLI_MODULES = ("moe.train", "moe.generate", "moe.info", "moe.accounting")
+CLI_MODULES = ("moe.train", "moe.generate", "moe.info", "moe.accounting", "moe.interop.convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

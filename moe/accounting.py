@@ -14,8 +14,9 @@ Conventions (DESIGN.md):
            The embedding row a token reads counts as active, though it costs no FLOPs.
   FLOPs  = 2*m*n*k per matmul, forward, per token; elementwise work (norms, SwiGLU gate,
            softmax, RoPE) is ignored. Training = 3x forward (backward ~ 2x forward).
-  memory = bytes of weights or training state only (no activations, no framework overhead);
-           GB = 1e9 bytes, and a "24 GB" consumer card is taken as 24e9 usable bytes.
+  memory = bytes of weights or training state (no framework overhead); GB = 1e9 bytes, and a
+           "24 GB" consumer card is taken as 24e9 usable bytes. Of the activations, only the
+           inputs of linear layers cached for backward are counted (linear_input_bytes_per_token).
 """
 
 from __future__ import annotations
@@ -303,6 +304,69 @@ def cards_needed(n_bytes: float, card_gb: float = CONSUMER_CARD_GB) -> int:
     return math.ceil(n_bytes / (card_gb * GB))
 
 
+# ---------------------------------------------------------------------------- activations
+# What FP8 training changes for activations (DeepSeek-V3 report, section 3.3.3, "Low-Precision
+# Activation"): the input of every FP8 linear layer, kept for its weight-gradient GEMM, is cached in
+# FP8 with one fp32 scale per 1x128 tile, except the input of the linear after attention (wo),
+# kept in DeepSeek's E5M6 (12 bits) with power-of-two scales, because attention's own backward
+# reads it too. Router and head run in high precision: their inputs stay bf16. Not modelled: the
+# SwiGLU inputs DeepSeek caches in FP8 (and recomputes the SwiGLU from), attention internals,
+# norms, and activation recomputation in general.
+ACTIVATION_STORAGES = ("bf16", "fp8")
+_CACHED_BYTES = {"bf16": {"fp8": 2.0, "e5m6": 2.0, "high": 2.0},  # bytes per number, by how it is kept
+                 "fp8": {"fp8": 1.0, "e5m6": 1.5, "high": 2.0}}
+
+
+def linear_inputs(cfg: ModelConfig, include_mtp: bool = True) -> list[tuple[str, int, str, int]]:
+    """(group, width, kind, copies per token) of each distinct linear-layer input, for all layers.
+
+    kind: "fp8" (an FP8 GEMM reads it), "e5m6" (attention output, the input of wo), "high"
+    (router, head). One tensor feeding several linears (x into wq and wkv_a) is counted once;
+    each of a token's K routed experts gets its own copy of the token (copies = K * layers).
+    """
+    D, K, I = cfg.dim, cfg.n_activated_experts, cfg.moe_inter_dim
+
+    def block(n: int, use_moe: bool) -> list[tuple[str, int, str, int]]:
+        if cfg.attn == "mla":
+            attn = [("attention", D, "fp8", n), ("attention", cfg.kv_lora_rank, "fp8", n),
+                    ("attention", cfg.n_heads * cfg.v_head_dim, "e5m6", n)]
+            if cfg.q_lora_rank:
+                attn.append(("attention", cfg.q_lora_rank, "fp8", n))
+        else:
+            attn = [("attention", D, "fp8", n), ("attention", cfg.n_heads * cfg.mha_head_dim, "e5m6", n)]
+        if not use_moe:
+            return attn + [("dense_ffn", D, "fp8", n), ("dense_ffn", cfg.inter_dim, "fp8", n)]
+        ffn = [("router", D, "high", n), ("routed_experts", D, "fp8", n * K), ("routed_experts", I, "fp8", n * K)]
+        if cfg.n_shared_experts:
+            ffn += [("shared_experts", D, "fp8", n), ("shared_experts", cfg.n_shared_experts * I, "fp8", n)]
+        return attn + ffn
+
+    out = block(cfg.n_dense_layers, False) + block(cfg.n_moe_layers, True) + [("head", D, "high", 1)]
+    if include_mtp and cfg.n_mtp:
+        mtp = [("mtp_proj", 2 * D, "fp8", cfg.n_mtp)] + block(cfg.n_mtp, cfg.n_moe_layers > 0)
+        out += [("mtp", w, kind, c) for _, w, kind, c in mtp] + [("mtp", D, "high", cfg.n_mtp)]  # its head
+    return [e for e in out if e[3] > 0]
+
+
+def linear_input_bytes_per_token(cfg: ModelConfig, storage: str = "fp8", include_mtp: bool = True) -> dict[str, float]:
+    """Bytes per token of the cached linear-layer inputs, by group and "total".
+
+    storage "bf16": every input in bf16 (2 bytes). "fp8": DeepSeek-V3's caching (above): 1 byte
+    (E4M3) or 1.5 bytes (E5M6) per number plus a 4-byte scale per started 128 numbers; bf16 for
+    router and head inputs.
+    """
+    if storage not in _CACHED_BYTES:
+        raise ValueError(f"unknown storage {storage!r}; allowed: {list(ACTIVATION_STORAGES)}")
+    out: dict[str, float] = {}
+    for group, width, kind, copies in linear_inputs(cfg, include_mtp):
+        b = width * _CACHED_BYTES[storage][kind]
+        if storage == "fp8" and kind != "high":
+            b += 4 * math.ceil(width / FP8_BLOCK)
+        out[group] = out.get(group, 0.0) + b * copies
+    out["total"] = sum(out.values())
+    return out
+
+
 # ---------------------------------------------------------------------------- KV cache
 def kv_cache_elems(cfg: ModelConfig, absorbed: bool = True) -> int:
     """Cached numbers per token per layer.
@@ -363,6 +427,83 @@ def deepseek_v3_cost() -> dict[str, float]:
             **{f"gpu_hours_{k.replace(' ', '_').replace('-', '_')}": v for k, v in DEEPSEEK_V3_GPU_HOURS.items()}}
 
 
+# ---------------------------------------------------------------------------- expert-parallel traffic
+# moe/parallel.py sends one row of D numbers per (token, expert) assignment whose expert lives
+# on another rank, four times per MoE layer and training step: the forward dispatch (token ->
+# expert) and combine (expert -> token), and their gradients in the backward (the combine's
+# gradient travels token -> expert, the dispatch's expert -> token). Routing is taken as
+# uniform (what the balancing aims at): an assignment stays on its rank with chance 1 / ep.
+GPUS_PER_NODE = 8  # an H800/H100 node: 8 GPUs on NVLink, InfiniBand between nodes (DeepSeek-V3's cluster)
+COMM_DTYPES = ("fp32", "bf16", "fp8")
+
+
+def _row_bytes(cfg: ModelConfig, dtype: str) -> dict[str, float]:
+    """Bytes of one row each way. fp8 is DeepSeek-V3's recipe (report 3.3.2): rows towards the experts
+    (forward dispatch, the combine's gradient) in FP8 with an fp32 scale per 128 values; rows back
+    (forward combine, the dispatch's gradient) in BF16."""
+    if dtype not in COMM_DTYPES:
+        raise ValueError(f"--comm-dtype must be one of {', '.join(COMM_DTYPES)}, got {dtype!r}")
+    D = cfg.dim
+    if dtype == "fp8":
+        return {"to_experts": D + 4 * math.ceil(D / FP8_BLOCK), "to_tokens": 2 * D}
+    return {"to_experts": BYTES_PER_PARAM[dtype] * D, "to_tokens": BYTES_PER_PARAM[dtype] * D}
+
+
+def ep_moe_layers(cfg: ModelConfig) -> int:
+    """MoE layers a token passes in training: the MoE blocks, plus one per MTP module (its block is MoE)."""
+    return cfg.n_moe_layers + (cfg.n_mtp if cfg.n_moe_layers else 0)
+
+
+def ep_traffic(cfg: ModelConfig, ep: int, dtype: str = "bf16", max_nodes: int | None = None,
+               batch_tokens: float | None = None, gpus_per_node: int = GPUS_PER_NODE) -> dict:
+    """Bytes the expert-parallel all-to-alls send per token and per training step.
+
+    ep ranks hold the E experts (E / ep each). Per token and MoE layer, K * (ep - 1) / ep rows
+    leave the token's rank each way. max_nodes (DeepSeek-V3's node-limited routing, M = 4): the
+    ranks fill ep / gpus_per_node nodes, each token's experts sit on at most M of them, and a
+    token crosses to a node once (then NVLink forwards it to the GPUs holding its experts
+    there); so at most M rows per token cross nodes instead of up to K.
+    """
+    E, K = cfg.n_routed_experts, cfg.n_activated_experts
+    if ep < 1 or E % ep:
+        raise ValueError(f"--ep must be a divisor of n_routed_experts={E}, got {ep}")
+    rows = K * (ep - 1) / ep
+    b = _row_bytes(cfg, dtype)
+    layer = {"dispatch_fwd": rows * b["to_experts"], "combine_fwd": rows * b["to_tokens"],
+             "combine_bwd": rows * b["to_experts"], "dispatch_bwd": rows * b["to_tokens"]}
+    layer["total"] = sum(layer.values())
+    n_layers = ep_moe_layers(cfg)
+    out = {"ep": ep, "dtype": dtype, "experts_per_rank": E // ep, "moe_layers": n_layers,
+           "rows_per_token_per_layer": rows, "row_bytes": b, "bytes_per_token_per_layer": layer,
+           "bytes_per_token": layer["total"] * n_layers}
+    if batch_tokens is not None:
+        if batch_tokens <= 0:
+            raise ValueError(f"--batch-tokens must be > 0, got {batch_tokens}")
+        out["batch_tokens"] = batch_tokens
+        out["bytes_per_step"] = out["bytes_per_token"] * batch_tokens
+    if max_nodes is not None:
+        nodes = math.ceil(ep / gpus_per_node)
+        if not 1 <= max_nodes <= nodes:
+            raise ValueError(f"--nodes must be between 1 and the {nodes} node(s) that {ep} ranks fill "
+                             f"({gpus_per_node} GPUs per node), got {max_nodes}")
+        per_node = E / nodes  # experts a node holds
+        # one row per assignment on another node (what moe.parallel sends), vs one per node touched:
+        # without a limit the K experts touch each other node with chance 1 - C(E - E/n, K) / C(E, K)
+        naive = K * (nodes - 1) / nodes
+        touched = (nodes - 1) * (1 - math.comb(int(E - per_node), K) / math.comb(E, K))
+        limited = min(max_nodes, K) * (nodes - 1) / nodes  # the M nodes drawn alike, each holding >= 1 expert
+        two_way = b["to_experts"] + b["to_tokens"]
+        out["node_limited"] = {
+            "nodes": nodes, "gpus_per_node": gpus_per_node, "max_nodes": max_nodes,
+            "cross_node_rows_per_token_per_layer": {"per_assignment": naive, "once_per_node": touched,
+                                                    "node_limited": limited, "node_limited_max": min(max_nodes, K)},
+            "cross_node_bytes_per_token": {"per_assignment": 2 * naive * two_way * n_layers,
+                                           "node_limited": 2 * limited * two_way * n_layers},
+            "reduction": naive / limited if limited else float("inf"),
+        }
+    return out
+
+
 # ---------------------------------------------------------------------------- summary
 def default_context(cfg: ModelConfig) -> int:
     """4096 tokens (DeepSeek-V3's pre-training length), or max_seq_len when that is shorter."""
@@ -372,7 +513,8 @@ def default_context(cfg: ModelConfig) -> int:
 def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16", tokens: float | None = None,
             gpu_hours: float | None = None, price: float = DEEPSEEK_V3_PRICE_PER_GPU_HOUR,
             card_gb: float = CONSUMER_CARD_GB, peak_tflops: float = H800_PEAK_BF16_TFLOPS,
-            gpus: int | None = None) -> dict:
+            gpus: int | None = None, ep: int | None = None, nodes: int | None = None, comm_dtype: str = "bf16",
+            batch_tokens: float | None = None) -> dict:
     """Everything the calculator prints, as one JSON-ready dict."""
     context = default_context(cfg) if context is None else context
     if context <= 0:
@@ -410,6 +552,10 @@ def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16"
         "cards_needed": {k: cards_needed(v, card_gb) for k, v in weights.items()},
         "training_state_gb": {r: {k: (v / GB if k != "bytes_per_param" else v)
                                   for k, v in training_state_bytes(cfg, r).items()} for r in RECIPES},
+        # inputs of linear layers cached for backward, per token (all layers, +MTP), and one sequence
+        "linear_inputs_cached": {st: {"bytes_per_token": b["total"], "gb_at_context": b["total"] * context / GB}
+                                 for st in ACTIVATION_STORAGES
+                                 for b in [linear_input_bytes_per_token(cfg, st)]},
         "kv_cache": {
             "dtype": kv_dtype,
             "elems_per_token_per_layer": kv_cache_elems(cfg),
@@ -433,6 +579,12 @@ def summary(cfg: ModelConfig, context: int | None = None, kv_dtype: str = "bf16"
                          utilisation_3x_forward=implied_utilisation(train["flops_3x_forward"], gpu_hours, peak_tflops))
     if train:
         out["training"] = train
+    if nodes is not None and ep is None:
+        raise ValueError("--nodes (each token's experts on at most M nodes) needs --ep N, the expert-parallel ranks")
+    if ep is not None:
+        out["all_to_all"] = ep_traffic(cfg, ep, comm_dtype, nodes, batch_tokens)
+        if gpus and "bytes_per_step" in out["all_to_all"]:
+            out["all_to_all"]["bytes_per_step_per_gpu"] = out["all_to_all"]["bytes_per_step"] / gpus
     return out
 
 
@@ -465,6 +617,13 @@ def _rows(s: dict) -> list[tuple[str, str]]:
              for k, v in s["weight_gb"].items()]
     rows += [(f"train state {r} (+MTP)", f"{human(v['total'] * GB, 'B')} ({v['bytes_per_param']:g} B/param)")
              for r, v in s["training_state_gb"].items()]
+    act = s["linear_inputs_cached"]
+    rows += [("linear inputs cached/token (+MTP)",
+              f"bf16 {human(act['bf16']['bytes_per_token'], 'B')}, fp8 as DeepSeek "
+              f"{human(act['fp8']['bytes_per_token'], 'B')} "
+              f"(-{100 * (1 - act['fp8']['bytes_per_token'] / act['bf16']['bytes_per_token']):.0f}%)"),
+             ("  one sequence at context", f"bf16 {human(act['bf16']['gb_at_context'] * GB, 'B')}, "
+                                           f"fp8 {human(act['fp8']['gb_at_context'] * GB, 'B')}")]
     rows += [(f"KV cache/token ({kv['dtype']})",
               f"{human(kv['bytes_per_token'], 'B')} ({human(kv['bytes_per_token_per_layer'], 'B')}/layer)"),
              ("  naive, per-head K and V", human(kv["naive_bytes_per_token"], "B")),
@@ -483,6 +642,29 @@ def _rows(s: dict) -> list[tuple[str, str]]:
         if "utilisation_6nd" in t:
             rows += [(f"implied utilisation of {t['peak_tflops']:g} TF/s",
                       f"{100 * t['utilisation_6nd']:.1f}% (6ND), {100 * t['utilisation_3x_forward']:.1f}% (3x fwd)")]
+    a = s.get("all_to_all")
+    if a:
+        layer = a["bytes_per_token_per_layer"]
+        rows += [(f"all-to-all, EP over {a['ep']} ranks ({a['dtype']})",
+                  f"{a['experts_per_rank']} experts/rank, {a['rows_per_token_per_layer']:.3g} rows/token/layer leave"),
+                 ("  per token per MoE layer, fwd", f"dispatch {human(layer['dispatch_fwd'], 'B')} + combine "
+                                                    f"{human(layer['combine_fwd'], 'B')}"),
+                 ("  per token per MoE layer, bwd", f"dispatch {human(layer['dispatch_bwd'], 'B')} + combine "
+                                                    f"{human(layer['combine_bwd'], 'B')}"),
+                 (f"  per token ({a['moe_layers']} MoE layers, fwd+bwd)", human(a["bytes_per_token"], "B"))]
+        if "bytes_per_step" in a:
+            per_gpu = (f" ({human(a['bytes_per_step_per_gpu'], 'B')}/GPU)" if "bytes_per_step_per_gpu" in a else "")
+            rows += [(f"  per step of {human(a['batch_tokens'])} tokens", human(a["bytes_per_step"], "B") + per_gpu)]
+        n = a.get("node_limited")
+        if n:
+            r = n["cross_node_rows_per_token_per_layer"]
+            rows += [(f"  cross-node rows/token/layer ({n['nodes']} nodes)",
+                      f"{r['per_assignment']:.3g} per assignment, {r['once_per_node']:.3g} once per node, "
+                      f"{r['node_limited']:.3g} (<= {r['node_limited_max']}) on <= {n['max_nodes']} nodes"),
+                     ("  cross-node per token, fwd+bwd",
+                      f"{human(n['cross_node_bytes_per_token']['per_assignment'], 'B')} -> "
+                      f"{human(n['cross_node_bytes_per_token']['node_limited'], 'B')} node-limited "
+                      f"({n['reduction']:.2g}x less)")]
     return rows
 
 
@@ -516,7 +698,8 @@ def _load(name_or_path: str, overrides: dict, is_file: bool = False) -> ModelCon
 def run_calc(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     opts = dict(context=args.context, kv_dtype=args.kv_dtype, tokens=args.tokens, gpu_hours=args.gpu_hours,
-                price=args.price, card_gb=args.card_gb, peak_tflops=args.peak_tflops, gpus=args.gpus)
+                price=args.price, card_gb=args.card_gb, peak_tflops=args.peak_tflops, gpus=args.gpus,
+                ep=args.ep, nodes=args.nodes, comm_dtype=args.comm_dtype, batch_tokens=args.batch_tokens)
     if args.compare:
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
         if not names:
@@ -554,4 +737,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-tflops", type=float, default=H800_PEAK_BF16_TFLOPS,
                    help="per-GPU peak for the implied utilisation (H800 dense BF16: 989.5)")
     p.add_argument("--card-gb", type=float, default=CONSUMER_CARD_GB, help="consumer card memory in GB")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert parallelism over N ranks: bytes the all-to-alls send per token and per step "
+                        "(dispatch and combine, forward and backward; uniform routing)")
+    p.add_argument("--nodes", type=int, default=None, metavar="M",
+                   help=f"with --ep: DeepSeek-V3's node-limited routing, each token's experts on at most M nodes "
+                        f"of {GPUS_PER_NODE} GPUs (V3: M = 4 of 8), and the cross-node traffic it saves")
+    p.add_argument("--comm-dtype", default="bf16", choices=COMM_DTYPES,
+                   help="all-to-all element type; fp8 = DeepSeek-V3: rows to the experts in FP8 with a scale "
+                        "per 128 values, rows back in BF16 (default: bf16)")
+    p.add_argument("--batch-tokens", type=float, default=None,
+                   help="tokens per optimizer step (the global batch) for the per-step traffic; "
+                        "DeepSeek-V3: 15360 x 4096 = 62.9e6")
     p.set_defaults(func=run_calc)

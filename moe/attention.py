@@ -19,7 +19,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.init import init_weights
-from moe.rope import apply_rope
+from moe.rope import apply_rope, softmax_scale_factor
 
 
 class RMSNorm(nn.Module):
@@ -56,6 +56,7 @@ class MHA(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.softmax_scale = self.head_dim ** -0.5 * softmax_scale_factor(cfg)  # YaRN's m^2 when on
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -82,7 +83,8 @@ class MHA(nn.Module):
         rep = self.n_heads // self.n_kv_heads  # GQA: each kv head serves `rep` query heads
         q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and S > 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and S > 1,
+                                             scale=self.softmax_scale)
         return self.wo(rearrange(out, "b h s d -> b s (h d)"))
 
 
@@ -107,8 +109,9 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
-        # the score scale is set by the per-head query/key width, not by the latent size
-        self.softmax_scale = qk_dim ** -0.5
+        # the score scale is set by the per-head query/key width, not by the latent size; YaRN
+        # multiplies it by m^2 when on (moe/rope.py; DeepSeek-V3 at 163840 positions: x1.874)
+        self.softmax_scale = qk_dim ** -0.5 * softmax_scale_factor(cfg)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -61,7 +62,7 @@ def _write_durable(path: str, data: bytes) -> None:
     os.chmod(path, with_umask(0o666))
 
 
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict with shared tensors stored once (tied embeddings), plus alias -> owner.
 
     safetensors refuses two names for one storage; the alias map restores them on load.
@@ -69,7 +70,7 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state_dict.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if key in seen:
             aliases[name] = seen[key]
@@ -175,11 +176,14 @@ def latest_checkpoint(out: str) -> str | None:
 
 # ------------------------------------------------------------------------------ save
 def save_checkpoint(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    train_config: dict[str, Any], extra: dict[str, Any]) -> str:
+                    train_config: dict[str, Any], extra: dict[str, Any], model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> str:
     """Write OUT/ckpt-<step> atomically and durably, point LATEST at it, then delete older ones.
 
-    An OSError (disk full, read-only) leaves the previous checkpoint as it was and is raised
-    with the path that failed.
+    model_state / optimizer_state replace model.state_dict() / optimizer.state_dict() when the
+    model is sharded (moe.parallel.Parallel.full_state gathers the experts): a checkpoint always
+    holds the full single-process model. An OSError (disk full, read-only) leaves the previous
+    checkpoint as it was and is raised with the path that failed.
     """
     from safetensors.torch import save as safetensors_bytes
 
@@ -194,8 +198,10 @@ def save_checkpoint(out: str, model: nn.Module, optimizer: torch.optim.Optimizer
     os.chmod(tmp, with_umask(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
     path = tmp
     try:
-        tensors, aliases = _unique_tensors(model)
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
+        tensors, aliases = _unique_tensors(model.state_dict() if model_state is None else model_state)
+        if optimizer_state is None:
+            optimizer_state = optimizer.state_dict()
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": optimizer_state,
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                  **extra}
@@ -288,10 +294,8 @@ def read_manifest(folder: str) -> dict[str, dict[str, Any]]:
     return files
 
 
-def load_checkpoint(path: str, expect_config: ModelConfig | None = None) -> Checkpoint:
-    """Read and verify a checkpoint (sizes and sha256 of every file) before trusting any of it."""
-    from safetensors import safe_open
-
+def verify_checkpoint(path: str) -> str:
+    """The checkpoint folder of path, once every file matches the size and sha256 of its manifest."""
     folder = resolve_checkpoint(path)
     for fname, info in read_manifest(folder).items():
         fpath = os.path.join(folder, fname)
@@ -299,6 +303,14 @@ def load_checkpoint(path: str, expect_config: ModelConfig | None = None) -> Chec
             raise FileNotFoundError(f"checkpoint file missing: {fpath}")
         if os.path.getsize(fpath) != info["bytes"] or _sha256(fpath) != info["sha256"]:
             raise ValueError(f"checkpoint file {fpath} is corrupt (size or sha256 differs from manifest.json)")
+    return folder
+
+
+def load_checkpoint(path: str, expect_config: ModelConfig | None = None) -> Checkpoint:
+    """Read and verify a checkpoint (sizes and sha256 of every file) before trusting any of it."""
+    from safetensors import safe_open
+
+    folder = verify_checkpoint(path)
     try:
         config = ModelConfig.load(os.path.join(folder, "config.json"))
     except ValueError as e:
@@ -379,3 +391,120 @@ def truncate_metrics(out: str, step: int) -> None:
         return
     kept = [r for r in read_metrics(out) if isinstance(r.get("step"), int) and r["step"] <= step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ------------------------------------------------------------------------------ weights-only checkpoints
+# A converted model (python -m moe convert) has weights but no training state. It is written as an
+# ordinary checkpoint (same files, manifest and verification; load_model, generate and info read
+# it) whose state.pt holds {"weights_only": True, "source": ...} instead of optimizer and RNG
+# state, so train cannot resume it. Its model.safetensors is written piece by piece, in whatever
+# order the pieces come: the whole model is never in memory.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+class StreamingSafetensors:
+    """A safetensors file whose tensors (or single slots of stacked [E, ...] tensors) arrive in any order.
+
+    The header (every name, dtype, shape and byte range) is written first, from specs; each piece
+    is then written at its offset. The caller checks that every piece came (the file is only
+    renamed into place after that).
+    """
+
+    def __init__(self, path: str, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None):
+        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        self.where: dict[str, tuple[int, int]] = {}  # name -> (start in the data section, bytes)
+        start = 0
+        for name in sorted(specs):
+            shape, dtype = specs[name]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"cannot store {name} as {dtype}; allowed: {list(SAFETENSORS_DTYPES)}")
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [start, start + n]}
+            self.where[name] = (start, n)
+            start += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        self.specs = specs
+        self.base = 8 + len(text)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._pwrite(len(text).to_bytes(8, "little") + text, 0)
+        os.ftruncate(self.fd, self.base + start)
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def write(self, name: str, expert: int | None, t: torch.Tensor) -> None:
+        """Store tensor `name` (expert None) or its slot [expert] of a stacked tensor."""
+        start, n = self.where[name]
+        shape, dtype = self.specs[name]
+        t = t.detach().to("cpu", dtype).contiguous()
+        if expert is not None:
+            n //= shape[0]
+            start += expert * n
+        if t.numel() * t.element_size() != n:
+            raise ValueError(f"{name}: {t.numel()} values do not fill its {n} bytes")
+        self._pwrite(t.view(-1).view(torch.uint8).numpy(), self.base + start)
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        self.fd = -1
+
+
+def save_weights_checkpoint(out: str, config: ModelConfig, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                            fill, aliases: dict[str, str], info: dict[str, Any]) -> str:
+    """Write OUT/ckpt-00000000 (weights only) and point LATEST at it; returns the folder.
+
+    fill(write) must call write(name, expert, tensor) for every piece of every tensor in specs
+    (and raise if one is missing). aliases: tied names -> stored name. info: where the weights
+    came from (state.pt "source" and train.json). A failure leaves no half-written checkpoint.
+    """
+    os.makedirs(out, exist_ok=True)
+    name = checkpoint_name(0)
+    final = os.path.join(out, name)
+    tmp = tempfile.mkdtemp(dir=out, prefix=TMP_PREFIX)
+    os.chmod(tmp, with_umask(0o777))
+    path = os.path.join(tmp, "model.safetensors")
+    try:
+        writer = StreamingSafetensors(path, specs, {"format": f"moe-{CHECKPOINT_FORMAT}",
+                                                    "aliases": json.dumps(aliases)})
+        try:
+            fill(writer.write)
+        finally:
+            writer.close()
+        os.chmod(path, with_umask(0o666))
+        files = {"model.safetensors": {"bytes": os.path.getsize(path), "sha256": _sha256(path)}}
+        buffer = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, "step": 0, "weights_only": True, "source": info}, buffer)
+        blobs = {"config.json": (config.to_json() + "\n").encode(),
+                 "train.json": (json.dumps({"weights_only": True, **info}, indent=2) + "\n").encode(),
+                 "state.pt": buffer.getvalue()}
+        for fname, data in blobs.items():
+            path = os.path.join(tmp, fname)
+            _write_durable(path, data)
+            files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        path = os.path.join(tmp, "manifest.json")
+        manifest = {"format": CHECKPOINT_FORMAT, "step": 0, "weights_only": True, "files": files}
+        _write_durable(path, (json.dumps(manifest, indent=2) + "\n").encode())
+        fsync_dir(tmp)
+        path = final
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(out)
+        path = os.path.join(out, "LATEST")
+        atomic_write_text(path, name + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"cannot write checkpoint ({e.strerror or e})", e.filename or path) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

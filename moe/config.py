@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attn": ("mha", "mla"),
     "score_func": ("softmax", "sigmoid"),
     "expert_impl": ("auto", "loop", "grouped"),
+    "fp8": ("none", "blockwise", "rowwise", "tensorwise", "bf16"),  # moe.fp8.RECIPES
 }
 
 
@@ -35,6 +36,14 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
     init_std: float = 0.02  # std of the normal init of every weight matrix (DeepSeek-V2/V3: 0.006)
+
+    # --- YaRN: RoPE stretched past the pre-training context (names and defaults of DeepSeek's ---
+    # --- reference ModelArgs; on when max_seq_len > original_seq_len, as there; see moe/rope.py) ---
+    original_seq_len: int = 4096  # context RoPE was pre-trained at (DeepSeek-V2/V3: 4096)
+    rope_factor: float = 40.0  # s: slow frequencies are divided by s (DeepSeek-V2/V3: 40; 1 = no stretch)
+    beta_fast: float = 32.0  # frequencies turning more than this often over original_seq_len are kept
+    beta_slow: float = 1.0  # ... less than this often are divided by rope_factor; a linear ramp between
+    mscale: float = 1.0  # softmax scale *= (0.1 * mscale * ln(rope_factor) + 1)^2 (V3: 1.0; V2, V2-Lite: 0.707)
 
     # --- attention ---
     attn: str = "mla"  # "mha" (covers MHA and GQA) or "mla" (Multi-head Latent Attention)
@@ -73,6 +82,11 @@ class ModelConfig:
     n_mtp: int = 0  # extra future tokens predicted by MTP modules (DeepSeek-V3: 1; 0 = off)
     mtp_loss_weight: float = 0.3  # lambda: weight of the mean MTP loss
 
+    # --- low precision ---
+    # simulated FP8 GEMMs (moe/fp8.py): "none", "blockwise" (DeepSeek-V3: 1x128 activation tiles,
+    # 128x128 weight blocks), "rowwise", "tensorwise"; "bf16" rounds the GEMM inputs to bf16 the same way
+    fp8: str = "none"
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -96,6 +110,15 @@ class ModelConfig:
         for name in ["norm_eps", "rope_theta", "init_std", "route_scale"]:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if self.original_seq_len <= 0:
+            raise ValueError(f"original_seq_len must be a positive integer, got {self.original_seq_len!r}")
+        if self.rope_factor < 1:
+            raise ValueError(f"rope_factor must be a finite number >= 1 (1 = no stretch), got {self.rope_factor!r}")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ValueError(f"beta_fast and beta_slow must satisfy 0 < beta_slow < beta_fast, got "
+                             f"beta_fast={self.beta_fast!r}, beta_slow={self.beta_slow!r}")
+        if self.mscale < 0:
+            raise ValueError(f"mscale must be a finite number >= 0, got {self.mscale!r}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
@@ -325,6 +348,9 @@ PRESETS: dict[str, ModelConfig] = {
         score_func="sigmoid", route_scale=2.5, norm_topk_prob=True, bias_update_speed=1e-3,
         seq_aux_loss_alpha=1e-4, n_mtp=1, mtp_loss_weight=0.3,
         init_std=0.006,  # technical report section 4.2: every parameter ~ N(0, 0.006)
+        # YaRN as DeepSeek's inference/model.py ModelArgs (config_671B.json keeps its defaults) and the V3
+        # report's long-context extension: s = 40, alpha = 1, beta = 32, sqrt(t) = 0.1 ln s + 1
+        original_seq_len=4096, rope_factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
     ),
     "deepseek-v2": ModelConfig(
         vocab_size=102400, dim=5120, n_layers=60, n_heads=128, max_seq_len=163840,
@@ -333,6 +359,10 @@ PRESETS: dict[str, ModelConfig] = {
         n_activated_experts=6, moe_inter_dim=1536, n_expert_groups=8, n_limited_groups=3,
         score_func="softmax", route_scale=16.0, norm_topk_prob=False, aux_loss_alpha=3e-3,
         init_std=0.006,  # DeepSeek-V2 report, training hyper-parameters: N(0, 0.006)
+        # YaRN as the V2 report's long-context extension: s = 40, alpha = 1, beta = 32 over 4096 positions,
+        # sqrt(t) = 0.0707 ln s + 1, i.e. mscale 0.707. (DeepSeek-V3's inference/configs/config_236B.json
+        # omits mscale, so that code would run V2 with 1.0; its config_16B.json for V2-Lite sets 0.707.)
+        original_seq_len=4096, rope_factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=0.707,
     ),
     "deepseek-v2-lite": ModelConfig(
         vocab_size=102400, dim=2048, n_layers=27, n_heads=16, max_seq_len=163840,
@@ -341,12 +371,18 @@ PRESETS: dict[str, ModelConfig] = {
         n_activated_experts=6, moe_inter_dim=1408, n_expert_groups=1, n_limited_groups=1,
         score_func="softmax", route_scale=1.0, norm_topk_prob=False, aux_loss_alpha=1e-3,
         init_std=0.006,  # as DeepSeek-V2
+        # YaRN as inference/configs/config_16B.json (mscale 0.707) and the released config.json
+        original_seq_len=4096, rope_factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=0.707,
     ),
     "mixtral-8x7b": ModelConfig(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=32768, rope_theta=1e6,
         norm_eps=1e-5, attn="mha", n_kv_heads=8, head_dim=128, inter_dim=14336, n_dense_layers=0,
         n_routed_experts=8, n_shared_experts=0, n_activated_experts=2, moe_inter_dim=14336,
-        score_func="softmax", route_scale=1.0, norm_topk_prob=True, aux_loss_alpha=2e-2,
+        score_func="softmax", route_scale=1.0, norm_topk_prob=True,
+        # config.json's router_aux_loss_coef 0.02, normalised as ours (moe.interop.hf.aux_alpha_from_hf):
+        # transformers' loss over all layers pooled is top_k x ours per layer, and we sum 32 layers
+        aux_loss_alpha=0.02 * 2 / 32,
+        original_seq_len=32768, rope_factor=1.0,  # plain RoPE over the whole context: no YaRN
     ),
 }
 

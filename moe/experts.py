@@ -215,6 +215,8 @@ CPU_LOOP_MIN_ROWS_PER_EXPERT = 192
 class Experts(nn.Module):
     """E routed SwiGLU experts, weights stacked as w1, w3: [E, D, I] and w2: [E, I, D]."""
 
+    fp8 = None  # a moe.fp8.Recipe, set by moe.fp8.convert: then every expert GEMM is fake-quantised
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -252,6 +254,12 @@ class Experts(nn.Module):
         d = sort_by_expert(experts_TK, cfg.n_routed_experts, capacity)
         token_N = d.order_N // K  # which token each sorted assignment belongs to
         scale_N = weights_TK.flatten().index_select(0, d.order_N).to(x_TD.dtype)
+        if self.fp8 is not None:  # simulated FP8 (moe.fp8.convert): a loop over experts, quantised GEMMs
+            from moe.fp8 import experts_fp8
+
+            y_ND = experts_fp8(x_TD.index_select(0, token_N), d.counts_E, self.w1, self.w3, self.w2, scale_N,
+                               self.fp8)
+            return x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND), d.counts_E, d.dropped
         if not self.use_grouped(x_TD, token_N.numel()):
             y_TD = experts_loop_add(x_TD, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2)
             return y_TD, d.counts_E, d.dropped

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -64,6 +65,12 @@ def sample(probs_V: torch.Tensor, generator: torch.Generator | None = None) -> i
     return int(torch.multinomial(probs_V.cpu(), 1, generator=generator))
 
 
+def _cache_len(model: Transformer, prompt: list[int], max_new_tokens: int, drafts: int = 1) -> int:
+    """Cache slots a generation can touch (the prompt, the new tokens, the speculative drafts), not
+    max_seq_len: DeepSeek-V3's 163840 positions would be 23 GB of fp32 latent cache."""
+    return min(model.cfg.max_seq_len, len(prompt) + max_new_tokens + drafts)
+
+
 def _check_prompt(model: Transformer, prompt: list[int]) -> None:
     """A prompt must leave room for at least one new token."""
     if not prompt:
@@ -99,7 +106,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     device = model.embed.weight.device
     seq = list(prompt)
     new: list[int] = []
-    cache = model.new_cache(1) if use_cache else None
+    cache = model.new_cache(1, _cache_len(model, prompt, max_new_tokens)) if use_cache else None
     fed = 0  # positions already in the cache
     while len(new) < max_new_tokens and len(seq) < model.cfg.max_seq_len:
         if use_cache:
@@ -155,12 +162,12 @@ class _MTPDrafter:
     overwritten), so what the caches keep was computed from confirmed tokens only.
     """
 
-    def __init__(self, model: Transformer, depth: int = 1):
+    def __init__(self, model: Transformer, depth: int = 1, max_len: int | None = None):
         if not 1 <= depth <= len(model.mtp):
             raise ValueError(f"draft_len must be between 1 and the model's n_mtp ({len(model.mtp)}), got {depth}")
         self.model, self.depth = model, depth
         w = model.embed.weight
-        L = model.cfg.max_seq_len
+        L = max_len or model.cfg.max_seq_len
         self.caches = [m.block.attn.new_cache(1, L, w.device, w.dtype) for m in model.mtp[:depth]]
         self.hidden = [w.new_zeros(1, L, model.cfg.dim) for _ in range(depth)]  # [k]: h^k, input of module k+1
         self.fed = [0] * depth  # module k+1's cache is final below this position
@@ -229,8 +236,9 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
 
     if max_new_tokens == 0 or len(seq) >= limit:
         return new, stats
-    cache = model.new_cache(1)
-    drafter = _MTPDrafter(model, draft_len)
+    cache_len = _cache_len(model, prompt, max_new_tokens, draft_len)
+    cache = model.new_cache(1, cache_len)
+    drafter = _MTPDrafter(model, draft_len, cache_len)
     logits_BSV, _, h_BSD = model(torch.tensor([seq], device=device), cache=cache, start_pos=0, return_hidden=True)
     stats.main_forwards += 1
     going = emit(sample(probs(logits_BSV[0, -1]), generator))
@@ -238,7 +246,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     while going:
         pos = len(seq) - 1  # position of the newest token, not yet fed to the main model
         t_draft = time.perf_counter()
-        drafts, q_list = drafter(h_BSD, h_start, seq, min(draft_len, limit - len(seq)), choose)
+        drafts, q_list = drafter(h_BSD, h_start, seq, min(draft_len, cache_len - len(seq)), choose)
         stats.draft_seconds += time.perf_counter() - t_draft
         logits_BSV, _, h_BSD = model(torch.tensor([[seq[-1], *drafts]], device=device), cache=cache,
                                      start_pos=pos, return_hidden=True)
@@ -303,11 +311,65 @@ class StreamPrinter:
         self.write("\n")
 
 
+class HFTokenizer:
+    """A transformers tokenizer (of a converted checkpoint) behind ByteTokenizer's encode/decode."""
+
+    def __init__(self, folder: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError(f"{folder} holds a transformers tokenizer, but transformers is not installed; "
+                             "install it or pass --tokenizer bytes") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # transformers raises many kinds
+            raise ValueError(f"cannot load the tokenizer in {folder} ({type(e).__name__}: {e}); "
+                             "pass --tokenizer bytes or another folder") from None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(run_folder: str, choice: str = "auto") -> ByteTokenizer | HFTokenizer:
+    """'bytes', a folder with a transformers tokenizer, or 'auto': the run's tokenizer/ folder (written by
+    python -m moe convert) when it has one, else bytes."""
+    if choice == "bytes":
+        return ByteTokenizer()
+    folder = os.path.join(run_folder, "tokenizer") if choice == "auto" else choice
+    if choice == "auto" and not os.path.isdir(folder):
+        return ByteTokenizer()
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--tokenizer {choice}: no such folder")
+    return HFTokenizer(folder)
+
+
+class TextStreamPrinter(StreamPrinter):
+    """Streams a multi-byte tokenizer's output: decodes all new ids, prints what was not shown yet."""
+
+    def __init__(self, tokenizer: HFTokenizer, stream=None, escape: bool = False):
+        super().__init__(stream, escape)
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, tok: int) -> None:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):  # wait for a complete character
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.write((text[len(self.shown):] if text.startswith(self.shown) else "") + "\n")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from moe.checkpoint import load_model
 
     model, ckpt = load_model(args.run, args.device)
-    tok = ByteTokenizer()
+    tok = load_tokenizer(os.path.dirname(ckpt.path), args.tokenizer)
     prompt = tok.encode(args.prompt)
     temperature = 0.0 if args.greedy else args.temperature
     _validate(args.max_new_tokens, temperature, args.top_k, args.top_p)
@@ -320,7 +382,8 @@ def run_generate(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        printer = StreamPrinter(escape=escape)
+        printer = (StreamPrinter(escape=escape) if isinstance(tok, ByteTokenizer)
+                   else TextStreamPrinter(tok, escape=escape))
         if args.stream:
             printer.write(args.prompt)
         t0 = time.perf_counter()
@@ -377,6 +440,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="print the text once at the end (default: stream tokens as they come)")
+    p.add_argument("--tokenizer", default="auto", metavar="auto|bytes|DIR",
+                   help="bytes (the byte tokenizer of trained runs), a folder holding a transformers tokenizer, or "
+                        "auto: the run's tokenizer/ folder (copied there by python -m moe convert) if it has one, "
+                        "else bytes (default: auto)")
     p.add_argument("--raw", action="store_true",
                    help="write sampled bytes as they are; by default control characters (ESC ...) are shown "
                         "escaped when the output is a terminal")

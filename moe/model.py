@@ -4,7 +4,9 @@ Shapes: B batch, S sequence, D model dim, V vocabulary.
 
 forward(tokens_BS, targets_BS=None) returns (logits_BSV, losses) where losses holds the
 balancing terms of every MoE layer ("aux", "seq_aux", "z": each already times its
-coefficient) and, given targets, "ce", "mtp" (when n_mtp > 0) and their sum "loss".
+coefficient, summed over layers) and, given targets, "ce", "mtp" (when n_mtp > 0) and their
+sum "loss". "ce" is the cross entropy alone: log it, not "loss", to compare models.
+Positions whose target is IGNORE_INDEX count neither in the loads nor in the balance losses.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from moe.attention import RMSNorm, build_attention
 from moe.config import ModelConfig
 from moe.init import init_weights
 from moe.layer import MLP, MoE
-from moe.rope import rope_tables
+from moe.rope import cfg_frequencies, rope_tables
 
 IGNORE_INDEX = -100  # targets with this value add no loss
 
@@ -33,10 +35,14 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if use_moe else MLP(cfg, cfg.inter_dim)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: dict | None = None, start_pos: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cache: dict | None = None, start_pos: int = 0,
+                valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """valid_BS: the positions that count for load balancing (None = all)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, start_pos)
-        h = self.ffn(self.ffn_norm(x_BSD))
-        h, losses = h if isinstance(h, tuple) else (h, {})
+        if isinstance(self.ffn, MoE):
+            h, losses = self.ffn(self.ffn_norm(x_BSD), valid_BS)
+        else:
+            h, losses = self.ffn(self.ffn_norm(x_BSD)), {}
         return x_BSD + h, losses
 
 
@@ -59,10 +65,15 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.n_mtp))
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.mha_head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        # plain RoPE, or YaRN's frequencies when max_seq_len > original_seq_len (moe/rope.py)
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, freqs=cfg_frequencies(cfg, rope_dim))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+        if cfg.fp8 != "none":  # simulated FP8 GEMMs: same parameters and state-dict keys (moe/fp8.py)
+            from moe.fp8 import convert
+
+            convert(self, cfg.fp8)
 
     def init_weights(self) -> None:
         """The one init rule (moe.init) over every matrix in parameter order.
@@ -109,9 +120,12 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start_pos:start_pos + S]
         sin = self.rope_sin[start_pos:start_pos + S]
         h_BSD = self.embed(tokens_BS)
+        # balancing covers the positions the cross entropy covers: an ignored target (padding)
+        # adds nothing to the loads or the balance losses
+        valid_BS = None if targets_BS is None else targets_BS != IGNORE_INDEX
         losses: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.layers):
-            h_BSD, block_losses = block(h_BSD, cos, sin, None if cache is None else cache[i], start_pos)
+            h_BSD, block_losses = block(h_BSD, cos, sin, None if cache is None else cache[i], start_pos, valid_BS)
             add_losses(losses, block_losses)
         logits_BSV = self.head(self.norm(h_BSD))
         if targets_BS is None:

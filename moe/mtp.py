@@ -34,9 +34,10 @@ class MTPModule(nn.Module):
         init_weights(self.proj, cfg)  # the block initialised itself
 
     def forward(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: dict | None = None, start_pos: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cache: dict | None = None, start_pos: int = 0,
+                valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x_BSD = self.proj(torch.cat([self.hnorm(h_BSD), self.enorm(emb_BSD)], dim=-1))
-        return self.block(x_BSD, cos, sin, cache, start_pos)
+        return self.block(x_BSD, cos, sin, cache, start_pos, valid_BS)
 
 
 def mtp_loss(model: nn.Module, h_BSD: torch.Tensor, targets_BS: torch.Tensor, cos: torch.Tensor,
@@ -55,8 +56,11 @@ def mtp_loss(model: nn.Module, h_BSD: torch.Tensor, targets_BS: torch.Tensor, co
         n = S - k
         if n <= 0:
             break
-        inputs = targets_BS[:, k - 1:k - 1 + n].clamp_min(0)  # ignored targets embed as token 0
-        h_BSD, block_losses = module(h_BSD[:, :n], model.embed(inputs), cos[:n], sin[:n])
+        inputs = targets_BS[:, k - 1:k - 1 + n]
+        # a position counts for balancing when its input is a real token and its target is kept
+        valid = (inputs != IGNORE_INDEX) & (targets_BS[:, k:k + n] != IGNORE_INDEX)
+        h_BSD, block_losses = module(h_BSD[:, :n], model.embed(inputs.clamp_min(0)), cos[:n], sin[:n],
+                                     valid_BS=valid)  # ignored targets embed as token 0
         add_losses(balance, block_losses)
         logits = model.head(module.norm(h_BSD)).float()
         ce_total = ce_total + F.cross_entropy(logits.flatten(0, 1), targets_BS[:, k:k + n].flatten(),

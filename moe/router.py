@@ -80,15 +80,7 @@ class Router(nn.Module):
         select_TE = scores_TE if self.bias is None else scores_TE + self.bias
 
         if cfg.n_expert_groups > 1:
-            select_TGe = rearrange(select_TE, "t (g e) -> t g e", g=cfg.n_expert_groups)
-            if self.bias is None:
-                group_scores_TG = select_TGe.amax(dim=-1)
-            else:
-                top2 = min(2, select_TGe.shape[-1])
-                group_scores_TG = select_TGe.topk(top2, dim=-1).values.sum(dim=-1)
-            keep_groups = group_scores_TG.topk(cfg.n_limited_groups, dim=-1).indices
-            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, keep_groups, True)
-            select_TE = rearrange(select_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")), "t g e -> t (g e)")
+            select_TE = limit_groups(select_TE, cfg.n_expert_groups, cfg.n_limited_groups, top2=self.bias is not None)
 
         experts_TK = select_TE.topk(cfg.n_activated_experts, dim=-1).indices
         weights_TK = scores_TE.gather(1, experts_TK)
@@ -96,6 +88,23 @@ class Router(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         weights_TK = weights_TK * cfg.route_scale
         return Routing(weights_TK, experts_TK, scores_TE, logits_TE)
+
+
+def limit_groups(select_TE: torch.Tensor, n_groups: int, n_limited: int, top2: bool) -> torch.Tensor:
+    """select_TE with every expert outside each token's n_limited best groups set to -inf.
+
+    A group's score is the sum of its top-2 selection scores when top2 (with the correction
+    bias, as DeepSeek-V3), else its best score. Masked with -inf, not 0: once the bias pushes
+    selection scores below 0, a 0 would rank the masked experts above the kept ones.
+    """
+    select_TGe = rearrange(select_TE, "t (g e) -> t g e", g=n_groups)
+    if top2:
+        group_scores_TG = select_TGe.topk(min(2, select_TGe.shape[-1]), dim=-1).values.sum(dim=-1)
+    else:
+        group_scores_TG = select_TGe.amax(dim=-1)
+    keep_groups = group_scores_TG.topk(n_limited, dim=-1).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, keep_groups, True)
+    return rearrange(select_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")), "t g e -> t (g e)")
 
 
 def _fp32(device: torch.device) -> contextlib.AbstractContextManager:

@@ -7,7 +7,8 @@ One optimizer step:
   clip the gradient norm, AdamW step
   read the routing counts (logging), moe.balance.update_bias (aux-loss-free), reset the counts
 The counts are reset after every step (and after every eval), so the bias only ever sees
-training tokens of the step it follows.
+training tokens of the step it follows, all its micro-batches once. With bias_freeze_frac the
+bias stops moving for the last part of the run (DeepSeek-V3: gamma 0 for its last 500B tokens).
 
 Before anything in the run folder is touched, every input is checked: the folder is writable,
 the config and the data load, seq_len fits, the model fits in memory. The run folder's layout,
@@ -35,10 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.accounting import training_state_bytes
-from moe.balance import update_bias
+from moe.balance import MODES as BALANCE_MODES
+from moe.balance import mode_fields, update_bias
 from moe.checkpoint import (
     RunLock,
     check_out_dir,
+    checkpoint_name,
     clear_run,
     latest_checkpoint,
     load_checkpoint,
@@ -48,12 +51,13 @@ from moe.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from moe.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from moe.cli import checked, non_negative_float, non_negative_int, positive_float, positive_int
 from moe.config import PRESETS, ModelConfig, get_preset, parse_overrides
 from moe.data import DEFAULT_MAX_DATA_MB, Corpus, domain_ids, eval_starts, get_batch, load_corpus, unigram_loss, windows
 from moe.device import autocast, available_bytes, resolve_device
 from moe.layer import reset_routing_stats, routing_stats
 from moe.model import Transformer
+from moe.parallel import MODES, Parallel
 
 LN2 = math.log(2.0)
 
@@ -88,6 +92,12 @@ class TrainConfig:
     plots: bool = True  # write OUT/plots at the end
     overwrite: bool = False  # start afresh in an OUT that already holds a run
     max_data_mb: int = DEFAULT_MAX_DATA_MB  # refuse --data files larger than this (an endless file never ends)
+    bias_freeze_frac: float = 0.0  # the last fraction of the steps with the balancing bias frozen (V3: ~0.034)
+    # several processes (launched by torchrun; moe/parallel.py): each has its own micro-batch of
+    # batch_size sequences, so one optimizer step sees world * batch_size * grad_accum sequences
+    parallel: str = "none"  # "none" (one process), "dp" (data parallel), "ep" (experts sharded, the rest DP)
+    ep_size: int | None = None  # "ep": processes sharing one copy of the experts (None = all of them)
+    dist_timeout: float = 300.0  # seconds a process waits for the others (to join, in a collective)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows", "max_data_mb"):
@@ -100,6 +110,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.save_interval is not None and (not isinstance(self.save_interval, int) or self.save_interval < 0):
             raise ValueError(f"save_interval must be an integer >= 0 or None, got {self.save_interval!r}")
+        if self.parallel not in MODES:
+            raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {self.parallel!r}")
+        if self.ep_size is not None and (not isinstance(self.ep_size, int) or self.ep_size <= 0):
+            raise ValueError(f"ep_size must be a positive integer or None, got {self.ep_size!r}")
+        if not (isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0):
+            raise ValueError(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if self.stop_at is not None and (not isinstance(self.stop_at, int) or self.stop_at <= 0):
@@ -112,6 +128,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        f = self.bias_freeze_frac
+        if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1):
+            raise ValueError(f"bias_freeze_frac must be a number in [0, 1], got {f!r}")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= v < 1):
@@ -134,9 +153,15 @@ class TrainResult:
     unigram_loss: float | None = None  # nats per byte of the train-frequency baseline on val
     stopped_early: bool = False  # stop_at or Ctrl-C: --resume continues
     interrupted: bool = False  # Ctrl-C (SIGINT) ended the run, after a checkpoint
+    rank: int = 0  # under --parallel: this process (its model holds only its experts under EP)
 
 
 # ------------------------------------------------------------------------------ small pieces
+def bias_update_steps(tc: TrainConfig) -> int:
+    """The aux-loss-free bias moves after optimizer steps 1..n and is frozen after the rest."""
+    return tc.steps - math.floor(tc.bias_freeze_frac * tc.steps + 1e-9)
+
+
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
     if step < tc.warmup_steps:
@@ -247,13 +272,17 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = 
 
     Raises TrainingDiverged on a NaN/inf loss, leaving the last checkpoint in place.
     """
+    from moe import parallel
+
     tc.validate()
     threads = torch.get_num_threads()
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
+    ps = parallel.setup(tc.parallel, tc.ep_size, resolve_device(tc.device), tc.dist_timeout)
     try:
-        return _train(tc, model_cfg, resume)
+        return _train(tc, model_cfg, resume, ps)
     finally:
+        parallel.teardown(ps)
         torch.set_num_threads(threads)
 
 
@@ -299,32 +328,37 @@ def _prepare(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool):
     return device, model_cfg, ckpt, corpus
 
 
-def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool) -> TrainResult:
+def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool, ps: Parallel) -> TrainResult:
     with contextlib.ExitStack() as stack:
-        if os.path.isdir(tc.out):  # lock before reading: another writer may be mid-save
+        if ps.is_main and os.path.isdir(tc.out):  # lock before reading: another writer may be mid-save
             stack.enter_context(RunLock(tc.out))
-        device, model_cfg, ckpt, corpus = _prepare(tc, model_cfg, resume)
-        if not os.path.isdir(tc.out):
-            os.makedirs(tc.out)
-            stack.enter_context(RunLock(tc.out))
-        remove_stale_tmp(tc.out)
-        if tc.overwrite and not resume:
-            clear_run(tc.out)
-        return _loop(tc, model_cfg, ckpt, corpus, device)
+        device, model_cfg, ckpt, corpus = _prepare(tc, model_cfg, resume)  # every rank checks the same inputs
+        ps.check_config(model_cfg)
+        ps.barrier()  # every rank has read the run folder before rank 0 changes it
+        if ps.is_main:
+            if not os.path.isdir(tc.out):
+                os.makedirs(tc.out)
+                stack.enter_context(RunLock(tc.out))
+            remove_stale_tmp(tc.out)
+            if tc.overwrite and not resume:
+                clear_run(tc.out)
+        return _loop(tc, model_cfg, ckpt, corpus, ps.local_device(device), ps)
 
 
-def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device: torch.device) -> TrainResult:
+def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device: torch.device,
+          ps: Parallel) -> TrainResult:
     out = tc.out
     unigram = unigram_loss(corpus)
     torch.manual_seed(tc.seed)
-    model = Transformer(model_cfg)
+    model = Transformer(model_cfg)  # the same seed on every rank: the same replicated weights
     start_step, elapsed, tokens_seen = 0, 0.0, 0
     if ckpt is not None:
-        load_weights(model, ckpt)
+        load_weights(model, ckpt)  # a checkpoint always holds the full model
+    ps.parallelize(model)  # under EP: keep this rank's experts only
     model.to(device).train()
     optimizer = build_optimizer(model, tc)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt.state["optimizer"])
+        optimizer.load_state_dict(ps.shard_optimizer_state(ckpt.state["optimizer"], model, optimizer))
         torch.set_rng_state(ckpt.state["rng"]["torch"])
         if device.type == "cuda" and ckpt.state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt.state["rng"]["cuda"])
@@ -333,11 +367,14 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
         tokens_seen = int(ckpt.state.get("tokens", 0))
         if ckpt.state.get("data", {}).get("fingerprint") != corpus.fingerprint():
             print(f"warning: resuming {out} on different training data than it started with", file=sys.stderr)
-    truncate_metrics(out, start_step)
+    if ps.is_main:
+        truncate_metrics(out, start_step)
 
     end_step = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
     save_every = tc.eval_interval if tc.save_interval is None else tc.save_interval
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    B = tc.batch_size
+    tokens_per_step = ps.world * B * tc.seq_len * tc.grad_accum
+    bias_steps = bias_update_steps(tc)
     params = [p for p in model.parameters() if p.requires_grad]
     last_ckpt = ckpt.path if ckpt is not None else None
     last: dict[str, Any] = {}
@@ -346,12 +383,16 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
     interrupted = False
 
     def checkpoint() -> str:
-        extra = {"elapsed_s": elapsed, "tokens": tokens_seen,
+        extra = {"elapsed_s": elapsed, "tokens": tokens_seen, "world_size": ps.world,
                  "data": {"fingerprint": corpus.fingerprint(), "seed": tc.seed, "next_step": step}}
-        return save_checkpoint(out, model, optimizer, step, dataclasses.asdict(tc), extra)
+        model_state, optimizer_state = ps.full_state(model, optimizer)  # experts gathered (every rank calls)
+        if not ps.is_main:
+            return os.path.join(out, checkpoint_name(step))
+        return save_checkpoint(out, model, optimizer, step, dataclasses.asdict(tc), extra,
+                               model_state=model_state, optimizer_state=optimizer_state)
 
-    bar = Progress(tc.steps, start_step, tc.progress, f"train {os.path.basename(os.path.normpath(out))}")
-    metrics_file = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+    bar = Progress(tc.steps, start_step, tc.progress and ps.is_main, f"train {os.path.basename(os.path.normpath(out))}")
+    metrics_file = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") if ps.is_main else None  # noqa: SIM115
     try:
         with _StopFlag() as stop:
             while step < end_step:
@@ -361,7 +402,9 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
                     group["lr"] = lr
                 terms: dict[str, float] = {}
                 for micro in range(tc.grad_accum):
-                    x_BS, y_BS = get_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, micro)
+                    # the global micro-batch of world * B sequences; this rank takes its B rows
+                    x_BS, y_BS = get_batch(corpus.train, ps.world * B, tc.seq_len, tc.seed, step, micro)
+                    x_BS, y_BS = x_BS[ps.rank * B:(ps.rank + 1) * B], y_BS[ps.rank * B:(ps.rank + 1) * B]
                     with autocast(device):
                         _, losses = model(x_BS.to(device), y_BS.to(device))
                     loss = losses["loss"]
@@ -371,13 +414,17 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
                     (loss / tc.grad_accum).backward()
                     for k, v in losses.items():
                         terms[k] = terms.get(k, 0.0) + float(v.detach()) / tc.grad_accum
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf")))
+                ps.reduce_gradients(model)  # the gradient of the mean loss over every rank's micro-batch
+                terms = ps.mean(terms)
+                grad_norm = ps.clip_grad_norm_(model, params, tc.grad_clip or float("inf"))
                 if not math.isfinite(grad_norm):
                     raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, step + 1, last_ckpt))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                ps.all_reduce_routing_stats(model)  # the global load: every rank's bias moves alike
                 stats = routing_stats(model)  # counts of this step's micro-batches
-                update_bias(model)
+                if step < bias_steps:
+                    update_bias(model)
                 reset_routing_stats(model)
                 step += 1
                 dt = time.perf_counter() - t0
@@ -386,19 +433,25 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
                 record: dict[str, Any] = {"step": step, **terms, "lr": lr, "grad_norm": grad_norm,
                                           "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                                           "elapsed_s": elapsed,
-                                          "load_max_over_mean": stats["max_over_mean_load"]}
+                                          "load_max_over_mean": stats["max_over_mean_load"],
+                                          "tokens_per_expert": stats["tokens_per_expert"],
+                                          "router_entropy": stats["router_entropy"]}
+                if any(b is not None for b in stats["bias"]):
+                    record["bias"] = stats["bias"]  # what this step routed with (before its update)
                 if model_cfg.capacity_factor is not None:
                     record["dropped"] = stats["dropped"]
-                is_last = step == end_step or stop.requested
+                stop_now = ps.any(stop.requested)  # a Ctrl-C seen by one rank stops every rank
+                is_last = step == end_step or stop_now
                 if is_last or (tc.eval_interval and step % tc.eval_interval == 0):
-                    record["tokens_per_expert"] = stats["tokens_per_expert"]
                     # no activations are kept for backward, so 4x the training batch fits
                     record.update(evaluate(model, corpus, tc.seq_len, tc.eval_windows, 4 * tc.batch_size, device))
                     record["unigram_loss"] = unigram
                     val_loss = record["val_loss"]
-                    bar.write(_eval_line(record, unigram))
-                metrics_file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-                metrics_file.flush()
+                    if ps.is_main:
+                        bar.write(_eval_line(record, unigram))
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+                    metrics_file.flush()
                 last = record
                 postfix = {"loss": f"{terms['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                 if val_loss is not None:
@@ -406,18 +459,20 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
                 bar.step(step, postfix)
                 if is_last or (save_every and step % save_every == 0):
                     last_ckpt = checkpoint()
-                if stop.requested:
+                if stop_now:
                     interrupted = True
-                    bar.write(f"interrupted: checkpoint saved at step {step}; continue with "
-                              f"python -m moe train --resume {out}")
+                    if ps.is_main:
+                        bar.write(f"interrupted: checkpoint saved at step {step}; continue with "
+                                  f"python -m moe train --resume {out}")
                     break
     finally:
         bar.close()
-        metrics_file.close()
-    if tc.plots and step > start_step:
+        if metrics_file is not None:
+            metrics_file.close()
+    if tc.plots and step > start_step and ps.is_main:
         write_plots(out)
     return TrainResult(model, out, step, last_ckpt, last, val_loss, unigram, stopped_early=step < tc.steps,
-                       interrupted=interrupted)
+                       interrupted=interrupted, rank=ps.rank)
 
 
 def _diverged_message(what: str, value: float, step: int, last_ckpt: str | None) -> str:
@@ -471,16 +526,20 @@ _TRAIN_FLAGS = {"steps": "steps", "stop_at": "stop_at", "batch_size": "batch_siz
                 "grad_accum": "grad_accum", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup_steps",
                 "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
                 "eval_windows": "eval_windows", "save_interval": "save_interval", "seed": "seed",
-                "device": "device", "threads": "threads", "data": "data", "max_data_mb": "max_data_mb"}
+                "device": "device", "threads": "threads", "data": "data", "max_data_mb": "max_data_mb",
+                "parallel": "parallel", "ep_size": "ep_size", "dist_timeout": "dist_timeout",
+                "bias_freeze_frac": "bias_freeze_frac"}
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig | None:
-    """--config FILE or --preset NAME, then --set overrides; None when none of them is given."""
+    """--config FILE or --preset NAME, then --balance NAME, then --set overrides; None when none is given."""
     cfg = None
     if args.config:
         cfg = ModelConfig.load(args.config)
     elif args.preset:
         cfg = get_preset(args.preset)
+    if getattr(args, "balance", None):
+        cfg = (cfg or get_preset("toy")).replace(**mode_fields(args.balance))
     if args.set:
         cfg = (cfg or get_preset("toy")).replace(**parse_overrides(args.set))
     return cfg
@@ -493,7 +552,9 @@ def run_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume {args.resume} continues in its own folder; drop --out {args.out}")
         ckpt = load_checkpoint(args.resume, expect_config=cfg)
         base = TrainConfig.from_dict(ckpt.train_config)
-        base = dataclasses.replace(base, out=args.resume, stop_at=None, overwrite=False)
+        # how the run was launched is not kept: a resume runs as it is launched now
+        base = dataclasses.replace(base, out=args.resume, stop_at=None, overwrite=False, parallel="none",
+                                   ep_size=None)
     else:
         base = TrainConfig(out=args.out or "runs/train", overwrite=args.overwrite)
     changes = {f: getattr(args, a) for a, f in _TRAIN_FLAGS.items() if getattr(args, a) is not None}
@@ -507,7 +568,8 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(summary_text(result))
+    if result.rank == 0:
+        print(summary_text(result))
     return 130 if result.interrupted else 0  # the shell's code for Ctrl-C: `make` and `&&` stop
 
 
@@ -532,6 +594,9 @@ def summary_text(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+_unit_fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()  # defaults shown in --help come from the dataclass
     p = subparsers.add_parser(
@@ -545,6 +610,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--config", metavar="FILE.json", default=None, help="a ModelConfig JSON file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set n_mtp=1 (repeatable)")
+    p.add_argument("--balance", choices=list(BALANCE_MODES), default=None, metavar="MODE",
+                   help="load balancing recipe, set before --set: " + ", ".join(
+                       f"{name} ({', '.join(f'{k}={v:g}' for k, v in fields.items() if v) or 'all off'})"
+                       for name, fields in BALANCE_MODES.items()) + " (default: the preset's own)")
+    p.add_argument("--bias-freeze-frac", type=_unit_fraction, default=None,
+                   help="freeze the balancing bias for this last fraction of --steps, as DeepSeek-V3 did "
+                        f"for its last ~3.4%% of tokens (default: {d.bias_freeze_frac:g})")
     p.add_argument("--out", default=None, help=f"run folder (default: {d.out})")
     p.add_argument("--resume", metavar="OUT", default=None,
                    help="continue the run in OUT from its last checkpoint (bit for bit); flags you pass "
@@ -556,7 +628,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-at", type=positive_int, default=None,
                    help="stop after this step with a checkpoint (the schedule still spans --steps)")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help=f"sequences per micro-batch (default: {d.batch_size})")
+                   help=f"sequences per micro-batch, per process under --parallel (default: {d.batch_size})")
     p.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
     p.add_argument("--grad-accum", type=positive_int, default=None,
                    help=f"micro-batches per step (default: {d.grad_accum})")
@@ -582,6 +654,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "often run faster with 1")
     p.add_argument("--max-data-mb", type=positive_int, default=None,
                    help=f"refuse a --data file larger than this many MiB (default: {d.max_data_mb})")
+    par = p.add_argument_group(
+        "several processes", "Launch with torchrun, one process per CPU share or GPU: torchrun --nproc_per_node N "
+        "-m moe train --parallel ep ... Each process trains on its own --batch-size sequences, so an optimizer "
+        "step sees N x batch-size x grad-accum sequences (the effective batch; the learning rate is not "
+        "rescaled). Process 0 writes the metrics, the checkpoints and the plots; a checkpoint always holds the "
+        "full model, loadable by one process, and a run can resume under another N (docs/parallel.md).")
+    par.add_argument("--parallel", choices=MODES, default=None,
+                     help="none: one process (default); dp: data parallel, every process holds the whole model; "
+                          "ep: expert parallel, the routed experts are split over the processes (tokens travel "
+                          "to their experts by all-to-all), everything else is data parallel")
+    par.add_argument("--ep-size", type=positive_int, default=None,
+                     help="with --parallel ep: processes that share one copy of the experts, each holding "
+                          "n_routed_experts / ep-size of them (default: all N); N / ep-size copies then train "
+                          "data parallel")
+    par.add_argument("--dist-timeout", type=positive_float, default=None,
+                     help=f"seconds a process waits for the others, to start or in a collective, before it "
+                          f"fails with an error (default: {d.dist_timeout:g})")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress output (on a terminal a tqdm bar; in a log or pipe a line every 5%% of the steps)")
     p.add_argument("--no-plots", action="store_true", help="do not write OUT/plots at the end")

@@ -299,6 +299,34 @@ def test_training_state_by_recipe():
         acc.training_state_bytes(cfg, "sgd")
 
 
+def test_linear_inputs_cached_by_hand_toy():
+    """Toy: 4 MLA layers (no query compression), 1 dense + 3 MoE, top-2 of 8 experts of width 96, 1 shared."""
+    cfg = PRESETS["toy"]
+    # per layer: attention x 128 (fp8), kv latent 64 (fp8), attention output 4 x 32 = 128 (E5M6)
+    # dense: x 128, hidden 384; MoE: router x 128 (bf16), 2 expert copies of x 128 and hidden 96,
+    # shared x 128 and hidden 96; head x 128 (bf16)
+    numbers = 4 * (128 + 64 + 128) + (128 + 384) + 3 * (128 + 2 * 128 + 2 * 96 + 128 + 96) + 128
+    assert acc.linear_input_bytes_per_token(cfg, "bf16")["total"] == 2 * numbers == 8640
+    tile = 4  # one fp32 scale per started 1x128 tile; 384 = 3 tiles
+    attention = 4 * ((128 + tile) + (64 + tile) + (1.5 * 128 + tile))
+    dense = (128 + tile) + (384 + 3 * tile)
+    moe_layers = 3 * (2 * 128 + 2 * (128 + tile) + 2 * (96 + tile) + (128 + tile) + (96 + tile))
+    fp8 = acc.linear_input_bytes_per_token(cfg, "fp8")
+    assert fp8["total"] == attention + dense + moe_layers + 2 * 128 == 5224
+    assert fp8["router"] == 3 * 256 and fp8["head"] == 256  # stay bf16
+    with_mtp = acc.linear_input_bytes_per_token(cfg.replace(n_mtp=1), "bf16")
+    # the MTP module: projection input 2 x 128, one MoE block, its head input
+    assert with_mtp["mtp"] == 2 * (256 + (128 + 64 + 128) + (128 + 2 * 128 + 2 * 96 + 128 + 96) + 128)
+    with pytest.raises(ValueError, match="storage"):
+        acc.linear_input_bytes_per_token(cfg, "int8")
+
+
+def test_fp8_activation_caching_saves_less_than_half_on_v3():
+    s = acc.summary(PRESETS["deepseek-v3"])["linear_inputs_cached"]
+    saving = 1 - s["fp8"]["bytes_per_token"] / s["bf16"]["bytes_per_token"]
+    assert 0.40 < saving < 0.45  # not 50%: scales, E5M6 for the attention output, bf16 router and head
+
+
 def test_cards_needed():
     assert acc.cards_needed(24e9) == 1 and acc.cards_needed(24e9 + 1) == 2
     assert acc.cards_needed(acc.weight_bytes(PRESETS["deepseek-v3"], "fp8")) == 29
