@@ -172,23 +172,35 @@ class _MTPDrafter:
         self.hidden = [w.new_zeros(1, L, model.cfg.dim) for _ in range(depth)]  # [k]: h^k, input of module k+1
         self.fed = [0] * depth  # module k+1's cache is final below this position
 
-    def __call__(self, h_BSD: torch.Tensor, start_pos: int, seq: list[int], n: int,
-                 choose: Choose) -> tuple[list[int], list[torch.Tensor]]:
+    def __call__(self, h_BSD: torch.Tensor, next_tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Module 1 alone: feed positions start_pos.. (main hidden states and the tokens after them);
+        logits of the last. (`draft` chains the modules and keeps track of what is confirmed.)"""
+        return self._module(1, h_BSD, next_tokens, start_pos)[1]
+
+    def _module(self, k: int, h_BSD: torch.Tensor, tokens: list[int],
+                start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module k over positions start_pos..: its output states and the logits at the last one."""
+        m, module = self.model, self.model.mtp[k - 1]
+        S = h_BSD.shape[1]
+        emb_BSD = m.embed(torch.tensor([tokens], device=h_BSD.device))
+        cos, sin = m.rope_cos[start_pos:start_pos + S], m.rope_sin[start_pos:start_pos + S]
+        x_BSD, _ = module(h_BSD, emb_BSD, cos, sin, self.caches[k - 1], start_pos)
+        return x_BSD, m.head(module.norm(x_BSD[:, -1]))[0]
+
+    def draft(self, h_BSD: torch.Tensor, start_pos: int, seq: list[int], n: int,
+              choose: Choose) -> tuple[list[int], list[torch.Tensor]]:
         """Store the main model's hidden states of positions start_pos.. (the newest is len(seq) - 2,
         seq[-1] is not fed yet), then draft n <= depth tokens after seq: (drafts, their probs)."""
-        m = self.model
         last = len(seq) - 2
         self.hidden[0][:, start_pos:start_pos + h_BSD.shape[1]] = h_BSD
         tokens = list(seq)  # grows by each draft
         drafts, probs = [], []
-        for k, module in enumerate(m.mtp[:n], start=1):
+        for k in range(1, n + 1):
             lo = self.fed[k - 1]
-            emb_BSD = m.embed(torch.tensor([tokens[lo + k:last + k + 1]], device=h_BSD.device))
-            cos, sin = m.rope_cos[lo:last + 1], m.rope_sin[lo:last + 1]
-            x_BSD, _ = module(self.hidden[k - 1][:, lo:last + 1], emb_BSD, cos, sin, self.caches[k - 1], lo)
+            x_BSD, logits_V = self._module(k, self.hidden[k - 1][:, lo:last + 1], tokens[lo + k:last + k + 1], lo)
             if k < self.depth:
                 self.hidden[k][:, lo:last + 1] = x_BSD
-            tok, q_V = choose(m.head(module.norm(x_BSD[:, -1]))[0])
+            tok, q_V = choose(logits_V)
             drafts.append(tok)
             probs.append(q_V)
             tokens.append(tok)
@@ -246,7 +258,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     while going:
         pos = len(seq) - 1  # position of the newest token, not yet fed to the main model
         t_draft = time.perf_counter()
-        drafts, q_list = drafter(h_BSD, h_start, seq, min(draft_len, cache_len - len(seq)), choose)
+        drafts, q_list = drafter.draft(h_BSD, h_start, seq, min(draft_len, cache_len - len(seq)), choose)
         stats.draft_seconds += time.perf_counter() - t_draft
         logits_BSV, _, h_BSD = model(torch.tensor([[seq[-1], *drafts]], device=device), cache=cache,
                                      start_pos=pos, return_hidden=True)

@@ -234,7 +234,7 @@ def test_mtp_drafter_with_cache_matches_the_training_path(depth):
                     tok, state["true"] = (tok + 1) % 256, False
                 return tok, torch.zeros(256)
 
-            drafter(h, a, toks[:b + 1], depth, choose)
+            drafter.draft(h, a, toks[:b + 1], depth, choose)
             wrong_drafts += not state["true"]
             a, b = b, b + rng.choice([1, 2, 3])
     assert len(got) >= 8 and (depth == 1 or wrong_drafts > 2)  # depth 2: re-feeding after a wrong draft
