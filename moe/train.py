@@ -238,6 +238,14 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _in_notebook() -> bool:
+    """Inside a running Jupyter kernel, where tqdm draws a widget (merely importing ipykernel,
+    as test runners do, does not count)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class Progress:
     """A tqdm bar on a terminal or in a notebook; in a log file or a pipe, where a bar's
     carriage-return frames would pile up, a plain line every `every` steps instead."""
@@ -245,7 +253,7 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool, desc: str, every: int | None = None):
         from tqdm.auto import tqdm
 
-        interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+        interactive = sys.stderr.isatty() or _in_notebook()
         self.bar = tqdm(total=total, initial=initial, disable=not (enabled and interactive), unit="step",
                         dynamic_ncols=True, desc=desc)
         self.lines = enabled and not interactive

@@ -42,3 +42,43 @@ def test_python_examples_run(page, index, code, one_thread):
 def test_calculator_commands_run(command, capsys):
     assert main(shlex.split(command)[3:]) == 0
     assert capsys.readouterr().out.strip()
+
+
+# ------------------------------------------------------------------------------ tests the docs name
+def test_definitions() -> dict[str, set[str]]:
+    """file (tests/test_x.py) -> the test functions it defines."""
+    return {f"tests/{f.name}": set(re.findall(r"^def (test_\w+)\(", f.read_text(encoding="utf-8"), flags=re.M))
+            for f in (ROOT / "tests").glob("test_*.py")}
+
+
+test_definitions.__test__ = False  # a helper, not a test
+
+
+def test_every_test_named_in_pitfalls_exists():
+    """docs/pitfalls.md names each test as `tests/FILE.py::NAME` (optionally `[case]`): each must exist
+    there, and no test is named without its file, so a renamed or deleted test fails here."""
+    text = (ROOT / "docs" / "pitfalls.md").read_text(encoding="utf-8")
+    defs = test_definitions()
+    refs = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)(?:\[[^\]`]*\])?`", text)
+    assert len(refs) >= 50
+    missing = [f"{f}::{name}" for f, name in refs if name not in defs.get(f, set())]
+    assert not missing, f"docs/pitfalls.md names tests that do not exist: {missing}"
+    bare = re.findall(r"(?<![/\w:])(test_\w+)\b(?!\.py)", text)
+    assert not bare, f"docs/pitfalls.md names tests without their file: {bare}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_tests_named_in_the_docs_exist(page):
+    """Every test a page names exists somewhere in tests/ (a name cut short with `_...` as a prefix)."""
+    names = set().union(*test_definitions().values())
+    text = page.read_text(encoding="utf-8")
+    cited = re.findall(r"(?<![/\w])(test_\w+)\b(?!\.py)", text)
+    missing = [c for c in cited if c not in names and not (c.endswith("_") and any(n.startswith(c) for n in names))]
+    assert not missing, f"{page.name} names tests that do not exist: {missing}"
+
+
+def test_the_pitfalls_page_is_linked_both_ways():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    balancing = (ROOT / "docs" / "balancing.md").read_text(encoding="utf-8")
+    pitfalls = (ROOT / "docs" / "pitfalls.md").read_text(encoding="utf-8")
+    assert "(docs/pitfalls.md)" in readme and "(pitfalls.md)" in balancing and "(balancing.md)" in pitfalls

@@ -138,6 +138,60 @@ def test_mtp_depth1_loss_by_hand():
     torch.testing.assert_close(losses["mtp"], 0.5 * ce)
 
 
+def _main_hidden(model: Transformer, inp: torch.Tensor):
+    """The last block's output (before the final norm), with the rope tables of its positions."""
+    S = inp.shape[1]
+    cos, sin = model.rope_cos[:S], model.rope_sin[:S]
+    h = model.embed(inp)
+    for blk in model.layers:
+        h, _ = blk(h, cos, sin)
+    return h, cos, sin
+
+
+def test_mtp_loss_uses_each_modules_own_final_norm():
+    """Head(RMSNorm_k(h^k)) with module k's own norm (shared_head.norm in DeepSeek's checkpoint).
+    At init every norm weight is 1, so the by-hand test above cannot tell the norms apart: here
+    they differ, and the main model's final norm, or none, gives another loss."""
+    torch.manual_seed(0)
+    model = Transformer(SMALL.replace(n_mtp=1, seq_aux_loss_alpha=0.0, mtp_loss_weight=1.0)).eval()
+    mod = model.mtp[0]
+    with torch.no_grad():
+        mod.norm.weight.uniform_(0.5, 2.0)
+        model.norm.weight.uniform_(0.5, 2.0)
+    tokens = torch.randint(0, 256, (2, 12))
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    S = inp.shape[1]
+    h, cos, sin = _main_hidden(model, inp)
+    with torch.no_grad():
+        h1, _ = mod(h[:, :S - 1], model.embed(tokens[:, 1:S]), cos[:S - 1], sin[:S - 1])
+        ce = lambda x: F.cross_entropy(model.head(x).flatten(0, 1), tokens[:, 2:].flatten())
+        _, losses = model(inp, tgt)
+        torch.testing.assert_close(losses["mtp"], ce(mod.norm(h1)))
+        for wrong in (model.norm(h1), h1):  # the main model's final norm; no norm at all
+            assert abs(float(losses["mtp"] - ce(wrong))) > 1e-3
+
+
+def test_mtp_loss_is_the_weight_times_the_mean_over_depths():
+    """lambda / D * sum_k CE_k (report section 2.2), CE_k the mean over the S - k positions depth k
+    predicts; the sum over depths (a weight that grows with D) is rejected."""
+    torch.manual_seed(0)
+    lam = 0.4
+    model = Transformer(SMALL.replace(n_mtp=2, seq_aux_loss_alpha=0.0, mtp_loss_weight=lam)).eval()
+    tokens = torch.randint(0, 256, (2, 14))
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    S = inp.shape[1]
+    with torch.no_grad():
+        h, cos, sin = _main_hidden(model, inp)
+        ces = []
+        for k, mod in enumerate(model.mtp, start=1):  # depth k at position i reads t_{i+k}, predicts t_{i+k+1}
+            n = S - k
+            h, _ = mod(h[:, :n], model.embed(tokens[:, k:k + n]), cos[:n], sin[:n])
+            ces.append(F.cross_entropy(model.head(mod.norm(h)).flatten(0, 1), tokens[:, k + 1:k + 1 + n].flatten()))
+        _, losses = model(inp, tgt)
+    torch.testing.assert_close(losses["mtp"], lam * (ces[0] + ces[1]) / 2)
+    assert abs(float(losses["mtp"]) - lam * float(ces[0] + ces[1])) > 1e-2
+
+
 @pytest.mark.parametrize("attn", ["mla", "mha"])
 def test_cached_greedy_generation_equals_recomputing(attn):
     torch.manual_seed(0)

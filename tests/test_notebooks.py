@@ -103,3 +103,10 @@ def test_the_readme_course_table_links_every_notebook():
     section = re.split(r"^## ", course[1], flags=re.M)[0]
     for path in NOTEBOOKS:
         assert f"(notebooks/{path.name})" in section, f"README's course table misses {path.name}"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if "02" <= p.stem[:2] <= "07"], ids=lambda p: p.stem)
+def test_the_walkthroughs_link_the_pitfalls_page(path):
+    """Notebooks 02-07 each close with a link to the known bugs of their topic."""
+    last = nbformat.read(path, as_version=4).cells[-1]
+    assert "(../docs/pitfalls.md)" in last.source

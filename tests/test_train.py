@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -284,3 +285,15 @@ def test_progress_in_a_log_is_lines_not_carriage_returns(tmp_path, capsys):
     lines = [line for line in err.splitlines() if "step " in line and "/20" in line]
     assert [line.split("step ")[1].split("/")[0] for line in lines] == [str(s) for s in range(1, 21)]
     assert all("loss" in line and "tok/s" in line for line in lines)
+
+
+def test_a_loaded_ipykernel_module_is_not_a_notebook(monkeypatch):
+    """Test runners import ipykernel; only a running Jupyter shell gets the tqdm widget."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert not train_mod._in_notebook()
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: type("ZMQInteractiveShell", (), {})()
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert train_mod._in_notebook()
