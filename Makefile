@@ -51,7 +51,7 @@ demo: install
 	@echo "demo done: run folder $(OUT) (metrics.jsonl, checkpoint); plots in $(OUT)/plots (loss.png, expert_load.png)"
 
 # The README's figures and the numbers beside them, rebuilt from scratch: about 25 minutes on 2
-# CPU cores (dense_vs_moe ~10, mtp ~12, savings seconds), one thread each, offline. Run folders
+# CPU cores (dense_vs_moe ~10, mtp ~14, savings seconds), one thread each, offline. Run folders
 # go to FIG_OUT; the PNGs and each experiment's results.json are copied into docs/img/.
 FIG_OUT ?= runs/figures
 figures: install
