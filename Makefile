@@ -51,13 +51,15 @@ demo: install
 	@echo "demo done: run folder $(OUT) (metrics.jsonl, checkpoint); plots in $(OUT)/plots (loss.png, expert_load.png)"
 
 # The README's figures and the numbers beside them, rebuilt from scratch: about 25 minutes on 2
-# CPU cores (dense_vs_moe ~10, mtp ~14, savings seconds), one thread each, offline. Run folders
-# go to FIG_OUT; the PNGs and each experiment's results.json are copied into docs/img/.
+# CPU cores (dense_vs_moe ~10, mtp ~14, savings and parallel seconds), one thread each, offline.
+# Run folders go to FIG_OUT; the PNGs and each experiment's results.json are copied into docs/img/.
+# The balancing page's figures have their own, longer command (docs/balancing.md, ~25 minutes).
 FIG_OUT ?= runs/figures
 figures: install
 	$(PY) experiments/savings.py --out $(FIG_OUT)/savings
 	$(PY) experiments/dense_vs_moe.py --out $(FIG_OUT)/dense_vs_moe
 	$(PY) experiments/mtp.py --out $(FIG_OUT)/mtp
+	$(PY) experiments/parallel_traffic.py --out $(FIG_OUT)/parallel
 	mkdir -p docs/img
 	cp $(addprefix $(FIG_OUT)/savings/,params.png memory.png kv_cache.png flops.png) docs/img/
 	cp $(FIG_OUT)/savings/results.json docs/img/savings.results.json
@@ -65,6 +67,7 @@ figures: install
 	cp $(FIG_OUT)/dense_vs_moe/results.json docs/img/dense_vs_moe.results.json
 	cp $(FIG_OUT)/mtp/mtp.png docs/img/
 	cp $(FIG_OUT)/mtp/results.json docs/img/mtp.results.json
+	cp $(FIG_OUT)/parallel/parallel_*.png docs/img/
 	@echo "figures done: docs/img/ (update the numbers quoted in README.md and docs/ from docs/img/*.results.json:"
 	@echo "tests/test_readme_figures.py checks that the tables there match)"
 
