@@ -1,8 +1,13 @@
 """Forward+backward throughput of one MoE layer: ours vs transformers vs the dense limit.
 
+Configurations (--preset-size, a comma list; each has its own batches): small = 16 experts top-4
+(issue 6), fine64 = 64 experts top-6 and fine256 = 256 experts top-8 (DeepSeek's fine-grained
+regime), all at dim 256, expert width 128, 1 shared expert; large = the GPU run.
+
 Entries, all built from the same config and fed the same input:
-  ours[loop|grouped]     moe.layer.MoE(cfg) (it initialises itself with the project's rule, moe.init), with each
-                         dispatch implementation; "+compile" = torch.compile of the layer
+  ours[loop|bucketed|grouped]
+                         moe.layer.MoE(cfg) (it initialises itself with the project's rule, moe.init), with each
+                         expert implementation; "+compile" = torch.compile of the layer
   hf[eager|grouped_mm|batched_mm]
                          transformers' DeepseekV3MoE with each experts implementation, every
                          parameter ~ N(0, 0.02) (standalone it leaves the router at zero)
@@ -11,16 +16,18 @@ Entries, all built from the same config and fed the same input:
                          no-routing-overhead limit; the faster of the two is the reference
 
 The entries are timed interleaved (round-robin, a few steps each) so that a change in machine
-load hits all of them alike (hf[batched_mm], ~100x slower, is timed alone afterwards). Per
+load hits all of them alike (hf[batched_mm], ~100x slower, and hf[eager] beyond 64 experts are
+timed alone afterwards). Per
 row: fwd+bwd tokens/s (median), ratios to the best hf entry and to the dense limit, peak
 memory of one forward+backward, and the load balance of the routed batch (max/mean tokens
 per expert). A table, then one line 'JSON {...}'.
 
-  python benchmarks/moe_layer.py                                  # the issue's CPU benchmark
+  python benchmarks/moe_layer.py                                  # the CPU benchmark: small, fine64, fine256
   python benchmarks/moe_layer.py --device cuda --dtype bf16 --preset-size large
-  python benchmarks/moe_layer.py --crossover                      # loop vs grouped over T
+  python benchmarks/moe_layer.py --crossover                      # loop vs bucketed vs grouped over T
   python benchmarks/moe_layer.py --breakdown                      # where ours' time goes
-  python benchmarks/moe_layer.py --repeat 10 --max-gb 8           # ten runs, ours' ratios summarized
+  python benchmarks/moe_layer.py --roofline                       # GFLOP/s of every GEMM shape, the bound
+  python benchmarks/moe_layer.py --repeat 10 --max-gb 8           # ten runs, ours' ratios against the targets
 
 As an entry of the reference harness (../shared/bench/peer_moe.py):
   python ../shared/bench/peer_moe.py --extra ours=benchmarks/moe_layer.py:build
@@ -50,6 +57,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe.config import ModelConfig  # noqa: E402
+from moe.experts import BUCKET_EXPERTS, sort_by_expert  # noqa: E402
 from moe.init import init_weights  # noqa: E402
 from moe.layer import MoE  # noqa: E402
 
@@ -59,6 +67,13 @@ PRESET_SIZES: dict[str, dict[str, Any]] = {
     "small": dict(cfg=dict(dim=256, moe_inter_dim=128, n_routed_experts=16, n_activated_experts=4,
                            n_shared_experts=1, n_expert_groups=4, n_limited_groups=2),
                   sizes="8x256,16x512"),
+    # issue 19, DeepSeek's fine-grained regime at the toy dims: many narrow experts, more of them per token
+    "fine64": dict(cfg=dict(dim=256, moe_inter_dim=128, n_routed_experts=64, n_activated_experts=6,
+                            n_shared_experts=1, n_expert_groups=8, n_limited_groups=4),
+                   sizes="8x256"),
+    "fine256": dict(cfg=dict(dim=256, moe_inter_dim=128, n_routed_experts=256, n_activated_experts=8,
+                             n_shared_experts=1, n_expert_groups=8, n_limited_groups=4),
+                    sizes="8x256"),
     # the GPU run: DeepSeek-V2-Lite's MoE width (dim 2048, experts of 1408, 2 shared) with 64
     # experts top-6 routed as in V3, 8k tokens
     "large": dict(cfg=dict(dim=2048, moe_inter_dim=1408, n_routed_experts=64, n_activated_experts=6,
@@ -275,7 +290,7 @@ def device_name(device: torch.device) -> str:
 
 # ---------------------------------------------------------------------------------- modes
 def run_comparison(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
-                   dtype: torch.dtype) -> dict[str, Any]:
+                   dtype: torch.dtype, preset: str = "small") -> dict[str, Any]:
     try:
         import transformers  # noqa: F401
         hf_impls = [s for s in args.hf_impls.split(",") if s]
@@ -301,28 +316,32 @@ def run_comparison(args: argparse.Namespace, cfg: ModelConfig, device: torch.dev
         for impl in hf_impls:
             need = hf_batched_mm_gb(cfg, T, x.element_size()) if impl == "batched_mm" else 0.0
             if need > args.max_gb:
-                notes.append(f"{B}x{S}: hf[batched_mm] skipped, needs ~{need:.0f} GB (a weight copy per "
+                notes.append(f"{preset} {B}x{S}: hf[batched_mm] skipped, needs ~{need:.0f} GB (a weight copy per "
                              f"token-expert pair) > --max-gb {args.max_gb:g}")
                 continue
             builders[f"hf[{impl}]"] = lambda impl=impl: build_hf(cfg, impl)
         probe = build_ours(cfg, "auto").to(device, dtype)
-        auto = "grouped" if probe.experts.use_grouped(x, T * cfg.n_activated_experts) else "loop"
-        notes.append(f"{B}x{S}: expert_impl='auto' picks {auto} here")
+        auto = probe.experts.impl_for(x, T * cfg.n_activated_experts)
+        notes.append(f"{preset} {B}x{S}: expert_impl='auto' picks {auto} here")
+        if True in compile_modes:
+            torch._dynamo.reset()  # fresh compiles per config and size: new modules would hit the recompile limit
         entries: dict[str, nn.Module] = {}
         for name, make in builders.items():
             torch.manual_seed(0)
             mod = make().to(device, dtype).train()
             entries[name] = torch.compile(mod) if name.endswith("+compile") else mod
-        # hf[batched_mm] is ~100x slower and allocates GBs: timed on its own afterwards (two steps), so
-        # that it neither takes most of the run nor evicts the caches of the interleaved entries
-        slow = {k: entries.pop(k) for k in list(entries) if k == "hf[batched_mm]"}
+        # hf[batched_mm] is ~100x slower and allocates GBs, and hf[eager] with many experts (a Python loop
+        # over them, 15 s per step at 256) is as slow: timed on their own afterwards (two steps), so that
+        # they neither take most of the run nor evict the caches of the interleaved entries
+        slow_names = {"hf[batched_mm]"} | ({"hf[eager]"} if cfg.n_routed_experts > 64 else set())
+        slow = {k: entries.pop(k) for k in list(entries) if k in slow_names}
         times = time_interleaved(entries, x, gout, args.rounds, args.steps, args.warmup)
         entries.update(slow)
         times.update({k: time_interleaved({k: m}, x, gout, 1, 2, 1)[k] for k, m in slow.items()})
         for name, mod in entries.items():
             ts = times[name]
             rows.append(dict(
-                name=name, auto=name in (f"ours[{auto}]", f"ours[{auto}]+compile"),
+                config=preset, name=name, auto=name in (f"ours[{auto}]", f"ours[{auto}]+compile"),
                 batch=B, seq=S, tokens=T, fb_ms=1e3 * statistics.median(ts), fb_min_ms=1e3 * min(ts),
                 fb_tok_s=T / statistics.median(ts), n_timed=len(ts),
                 peak_mb=peak_memory_mb(mod, x, gout),
@@ -346,10 +365,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def print_table(result: dict[str, Any], meta: dict[str, Any]) -> None:
-    sizes = sorted({(r["batch"], r["seq"]) for r in result["rows"]}, key=lambda s: s[0] * s[1])
-    for B, S in sizes:
-        rows = [r for r in result["rows"] if (r["batch"], r["seq"]) == (B, S)]
-        print(f"\n== {B}x{S} = {B * S} tokens, {meta['dtype']}, {meta['threads']} threads, {meta['device']}, "
+    groups = list(dict.fromkeys((r["config"], r["batch"], r["seq"]) for r in result["rows"]))
+    for preset, B, S in groups:
+        rows = [r for r in result["rows"] if (r["config"], r["batch"], r["seq"]) == (preset, B, S)]
+        print(f"\n== {preset} ({describe(preset)}): {B}x{S} = {B * S} tokens, {meta['dtype']}, "
+              f"{meta['threads']} threads, {meta['device']}, "
               f"median of {rows[0]['n_timed']} interleaved steps ==")
         print(f"{'entry':<24}{'fwd+bwd tok/s':>14}{'ms':>8}{'min ms':>8}{'vs hf best':>11}{'vs dense':>9}"
               f"{'peak MB':>9}{'dense MB':>9}{'load max/mean':>14}")
@@ -364,31 +384,43 @@ def print_table(result: dict[str, Any], meta: dict[str, Any]) -> None:
           "fwd+bwd beyond parameters and inputs ('-' under torch.compile on CPU)")
 
 
-# issue 6's targets for ours, checked by --repeat
-TARGETS = {"vs_dense": 0.8, "vs_hf_best": 1.25}
+# issue 19's targets for ours, per configuration, checked by --repeat (no dense target for fine256)
+TARGETS = {"small": {"vs_dense": 0.9, "vs_hf_best": 1.5}, "fine64": {"vs_dense": 0.75, "vs_hf_best": 1.5},
+           "fine256": {"vs_hf_best": 1.5}, "large": {}}
+
+
+def describe(preset: str) -> str:
+    c = PRESET_SIZES[preset]["cfg"]
+    return (f"{c['n_routed_experts']} experts top-{c['n_activated_experts']} + {c['n_shared_experts']} shared, "
+            f"dim {c['dim']}, expert width {c['moe_inter_dim']}")
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per size and ours entry: each run's ratios, their median/min/max, and in how many runs each target is met."""
     out = []
     first = runs[0]["rows"]
-    for key in [(r["batch"], r["seq"], r["name"]) for r in first if r["name"].startswith("ours[")]:
-        per_run = [next(r for r in run["rows"] if (r["batch"], r["seq"], r["name"]) == key) for run in runs]
-        entry = dict(batch=key[0], seq=key[1], name=key[2], auto=per_run[0]["auto"], n_runs=len(runs))
-        for ratio, target in TARGETS.items():
+    for key in [(r["config"], r["batch"], r["seq"], r["name"]) for r in first if r["name"].startswith("ours[")]:
+        per_run = [next(r for r in run["rows"] if (r["config"], r["batch"], r["seq"], r["name"]) == key)
+                   for run in runs]
+        entry = dict(config=key[0], batch=key[1], seq=key[2], name=key[3], auto=per_run[0]["auto"], n_runs=len(runs))
+        for ratio in ("vs_dense", "vs_hf_best"):
+            target = TARGETS.get(key[0], {}).get(ratio)  # None: no target for this ratio here
+            entry[f"{ratio}_target"] = target
             vals = [r[ratio] for r in per_run if r[ratio] is not None]
             entry[ratio] = vals
             entry[f"{ratio}_median"] = statistics.median(vals) if vals else None
-            entry[f"{ratio}_met"] = sum(v >= target for v in vals)
+            entry[f"{ratio}_met"] = None if target is None else sum(v >= target for v in vals)
         out.append(entry)
     return out
 
 
 def print_summary(runs: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
-    labels = [f"{e['batch']}x{e['seq']} {e['name']}{' =auto' if e['auto'] else ''}" for e in summary]
+    labels = [f"{e.get('config', 'small')} {e['batch']}x{e['seq']} {e['name']}{' =auto' if e['auto'] else ''}"
+              for e in summary]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
-    print(f"\n== {len(runs)} runs: ours vs the targets (vs dense >= {TARGETS['vs_dense']}, vs hf best >= "
-          f"{TARGETS['vs_hf_best']}), each run's ratios from its interleaved medians ==")
+    targets = "; ".join(f"{k}: " + ", ".join(f"{r} >= {v}" for r, v in t.items()) for k, t in TARGETS.items() if t)
+    print(f"\n== {len(runs)} runs: ours vs the targets ({targets}), each run's ratios from its interleaved "
+          "medians ==")
     w = max(len(label) for label in labels) + 2
     print(f"{'run':>3}{'load at start':>15}" + "".join(f"{label:>{w}}" for label in labels))
     for i, run in enumerate(runs):
@@ -399,18 +431,22 @@ def print_summary(runs: list[dict[str, Any]], summary: list[dict[str, Any]]) -> 
     print(f"{'entry':<{w}}{'vs dense: median (min-max)':>28}{'met':>7}{'vs hf best: median (min-max)':>30}{'met':>7}")
     for label, e in zip(labels, summary):
         cols = []
-        for ratio in TARGETS:
+        for ratio in ("vs_dense", "vs_hf_best"):
             vals = e[ratio]
             spread = f"{e[ratio + '_median']:.2f} ({min(vals):.2f}-{max(vals):.2f})" if vals else "-"
-            cols += [spread, f"{e[ratio + '_met']}/{len(vals)}" if vals else "-"]
+            met = e[ratio + "_met"]
+            cols += [spread, f"{met}/{len(vals)}" if vals and met is not None else "-"]
         print(f"{label:<{w}}{cols[0]:>28}{cols[1]:>7}{cols[2]:>30}{cols[3]:>7}")
 
 
 def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
-                  dtype: torch.dtype) -> dict[str, Any]:
-    """Loop vs grouped over the number of tokens: forward only (decode, eval) and fwd+bwd."""
+                  dtype: torch.dtype, preset: str = "small") -> dict[str, Any]:
+    """loop, bucketed and grouped over the number of tokens: forward only (decode, eval) and fwd+bwd.
+
+    What 'auto' picks on CPU comes from these tables: per mean rows per expert (T*K/E), the fastest."""
+    impls = ("loop", "bucketed", "grouped")
     mods = {}
-    for impl in ("loop", "grouped"):
+    for impl in impls:
         torch.manual_seed(0)
         mods[impl] = build_ours(cfg, impl).to(device, dtype)
     rows = []
@@ -424,7 +460,9 @@ def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
             with torch.no_grad():
                 m(x)
 
-        row: dict[str, Any] = dict(tokens=T)
+        n_rows = T * cfg.n_activated_experts
+        row: dict[str, Any] = dict(config=preset, tokens=T, rows_per_expert=n_rows / cfg.n_routed_experts,
+                                   auto=build_ours(cfg, "auto").experts.impl_for(x, n_rows))
         for mode, fn in (("fwd", fwd), ("fwd_bwd", lambda m, x=x, gout=gout: fwd_bwd(m, x, gout))):
             ts: dict[str, list[float]] = {k: [] for k in mods}
             for m in mods.values():
@@ -438,22 +476,55 @@ def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
                     ts[k].append(time.perf_counter() - t0)
             for k in mods:
                 row[f"{mode}_{k}_us"] = 1e6 * statistics.median(ts[k])
-            row[f"{mode}_loop_over_grouped"] = row[f"{mode}_loop_us"] / row[f"{mode}_grouped_us"]
+            row[f"{mode}_fastest"] = min(impls, key=lambda k: row[f"{mode}_{k}_us"])
         rows.append(row)
-    print(f"\n== crossover: time of ours[loop] / ours[grouped] (>1: grouped faster), {meta_line(device, dtype)} ==")
-    print(f"{'tokens':>8}{'fwd loop us':>13}{'fwd grouped us':>16}{'loop/grouped':>14}"
-          f"{'fwd+bwd loop us':>17}{'fwd+bwd grouped us':>20}{'loop/grouped':>14}")
+    print(f"\n== crossover, {preset} ({describe(preset)}): microseconds per call, interleaved medians, "
+          f"{meta_line(device, dtype)} ==")
+    head = "".join(f"{mode + ' ' + k:>18}" for mode in ("fwd", "fwd+bwd") for k in impls)
+    print(f"{'tokens':>7}{'rows/expert':>12}{head}{'fastest fwd+bwd':>17}{'auto picks':>12}")
     for r in rows:
-        print(f"{r['tokens']:>8}{r['fwd_loop_us']:>13.0f}{r['fwd_grouped_us']:>16.0f}{r['fwd_loop_over_grouped']:>14.2f}"
-              f"{r['fwd_bwd_loop_us']:>17.0f}{r['fwd_bwd_grouped_us']:>20.0f}{r['fwd_bwd_loop_over_grouped']:>14.2f}")
+        cells = "".join(f"{r[f'{mode}_{k}_us']:>18.0f}" for mode in ("fwd", "fwd_bwd") for k in impls)
+        print(f"{r['tokens']:>7}{r['rows_per_expert']:>12.1f}{cells}{r['fwd_bwd_fastest']:>17}{r['auto']:>12}")
     return dict(crossover=rows)
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
 
 
+def expert_matmuls(impl: str, counts_E: torch.Tensor, ex: nn.Module,
+                   g: torch.Generator) -> tuple[Callable[[], None], int]:
+    """The 9 GEMMs per expert of one fwd+bwd (3 forward, 6 backward) as `impl` runs them, on random
+    inputs of the routed shapes, without autograd; and the rows they cover (bucketed pads)."""
+    w1, w3, w2 = (w.detach() for w in (ex.w1, ex.w3, ex.w2))
+    D, dev, dt = w1.shape[1], w1.device, w1.dtype
+    if impl == "bucketed":
+        counts = counts_E.tolist()
+        groups = [(e0, min(len(counts), e0 + BUCKET_EXPERTS)) for e0 in range(0, len(counts), BUCKET_EXPERTS)]
+        shapes = [(e0, e1, max(counts[e0:e1])) for e0, e1 in groups if max(counts[e0:e1])]
+        xs = [torch.randn(e1 - e0, n, D, generator=g).to(dev, dt) for e0, e1, n in shapes]
+
+        def bmm() -> None:
+            for (e0, e1, _), x in zip(shapes, xs):
+                a, b = torch.bmm(x, w1[e0:e1]), torch.bmm(x, w3[e0:e1])
+                y = torch.bmm(a, w2[e0:e1])
+                torch.bmm(y, w2[e0:e1].transpose(1, 2)), torch.bmm(a.transpose(1, 2), y)
+                torch.bmm(x.transpose(1, 2), a), torch.bmm(x.transpose(1, 2), b)
+                torch.bmm(a, w1[e0:e1].transpose(1, 2)).baddbmm_(b, w3[e0:e1].transpose(1, 2))
+        return bmm, sum((e1 - e0) * n for e0, e1, n in shapes)
+    xs = [torch.randn(int(n), D, generator=g).to(dev, dt) for n in counts_E]
+
+    def mm() -> None:
+        for e, x in enumerate(xs):
+            if x.shape[0]:
+                a, b = x @ w1[e], x @ w3[e]
+                y = a @ w2[e]
+                y @ w2[e].t(), a.t() @ y, x.t() @ a, x.t() @ b
+                torch.mm(a, w1[e].t()).addmm_(b, w3[e].t())
+    return mm, int(counts_E.sum())
+
+
 def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
-                  dtype: torch.dtype) -> dict[str, Any]:
+                  dtype: torch.dtype, preset: str = "small") -> dict[str, Any]:
     """Where ours[auto]'s fwd+bwd time goes: its parts timed alone (interleaved), then profiles of it
     and of the dense layer (on CPU: matmul time vs the rest, page faults), and ours' top ops."""
     from torch.profiler import profile
@@ -469,18 +540,40 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     with torch.no_grad():
         r = moe.router(x_TD)
     ex = moe.experts
-    counts_E = torch.bincount(r.experts_TK.flatten(), minlength=cfg.n_routed_experts)
-    # the expert matmuls alone: same shapes, inputs already gathered, no autograd
-    x_nD = [torch.randn(int(n), cfg.dim, generator=g).to(device, dtype) for n in counts_E]
-    g_nD = [torch.randn(int(n), cfg.dim, generator=g).to(device, dtype) for n in counts_E]
-    w1, w3, w2 = (w.detach() for w in (ex.w1, ex.w3, ex.w2))
+    impl = ex.impl_for(x_TD, T * K)
+    d = sort_by_expert(r.experts_TK, cfg.n_routed_experts)
+    token_N = d.order_N // K
+    N = token_N.numel()
+    matmuls, n_slots = expert_matmuls(impl, d.counts_E, ex, g)
+    x_ND = x_TD.index_select(0, token_N)
+    bag_N = token_N.argsort(stable=True)
+    per_token_T = torch.bincount(token_N, minlength=T)
+    offsets_T = per_token_T.cumsum(0) - per_token_T
+    a_PI, b_PI, gh_PI = (torch.randn(n_slots, cfg.moe_inter_dim, generator=g).to(device, dtype) for _ in range(3))
+    s_P1 = torch.rand(n_slots, 1, generator=g).to(device, dtype)
 
-    def matmuls() -> None:
-        for e, (x, gy) in enumerate(zip(x_nD, g_nD)):
-            if x.shape[0]:
-                a, b = x @ w1[e], x @ w3[e]
-                a @ w2[e], gy @ w2[e].t(), a.t() @ gy, x.t() @ a, x.t() @ b
-                torch.mm(a, w1[e].t()).addmm_(b, w3[e].t())
+    def sort_and_index() -> None:
+        dd = sort_by_expert(r.experts_TK, cfg.n_routed_experts)
+        r.weights_TK.flatten().index_select(0, dd.order_N)
+        dd.order_N // K
+
+    def gather() -> None:  # the rows in, and its backward: their gradients summed back onto the tokens
+        x_TD.index_select(0, token_N)
+        torch.zeros_like(x_TD).index_add_(0, token_N, x_ND)
+
+    def combine() -> None:  # the sum of each token's K outputs, and its backward: a gather of the gradient
+        F.embedding_bag(bag_N, x_ND, offsets_T, mode="sum")
+        g_TD.index_select(0, token_N)
+
+    def elementwise() -> None:  # silu, products and routing scale, and their backward, over every row (slot)
+        sa = F.silu(a_PI)
+        h = sa * b_PI
+        h * s_P1
+        h = sa * b_PI
+        torch.linalg.vecdot(gh_PI, h)
+        gs = gh_PI * s_P1
+        gs * sa
+        torch.ops.aten.silu_backward(gs * b_PI, a_PI)
 
     def backward_of(fn: Callable[[torch.Tensor], torch.Tensor], gout: torch.Tensor) -> Callable[[], None]:
         def step() -> None:
@@ -488,13 +581,17 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
             fn(xi).backward(gout)
         return step
 
+    kernel = {"loop": "mm per expert", "bucketed": "bmm per bucket", "grouped": "mm per expert, as grouped_mm"}[impl]
     parts: dict[str, Callable[[], None]] = {
-        "layer (ours[auto])": lambda: fwd_bwd(moe, x_TD.view(B, S, -1), g_TD.view(B, S, -1)),
-        "  router": backward_of(lambda xi: moe.router(xi).weights_TK, torch.ones(T, K, device=device)),
+        f"layer (ours[auto] = {impl})": lambda: fwd_bwd(moe, x_TD.view(B, S, -1), g_TD.view(B, S, -1)),
+        "  router (scores, group limit, top-k)": backward_of(lambda xi: moe.router(xi).weights_TK,
+                                                             torch.ones(T, K, device=device)),
+        "  sort by expert, permute weights": sort_and_index,
+        "  gather rows in (+ backward)": gather,
+        "  combine K rows per token (+ backward)": combine,
+        f"  expert matmuls alone ({kernel})": matmuls,
+        "  expert silu/products alone": elementwise,
         "  shared expert": backward_of(moe.shared, g_TD),
-        "  routed experts (dispatch + compute + combine)": backward_of(
-            lambda xi: ex(xi, r.weights_TK, r.experts_TK)[0], g_TD),
-        "    their matmuls alone": matmuls,
         "dense[split] (the reference)": lambda: fwd_bwd(dense, x_TD, g_TD),
     }
     ts: dict[str, list[float]] = {k: [] for k in parts}
@@ -508,13 +605,19 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
             sync(device)
             ts[k].append(time.perf_counter() - t0)
     rows = [dict(part=k, median_ms=1e3 * statistics.median(v), min_ms=1e3 * min(v)) for k, v in ts.items()]
-    print(f"\n== breakdown of one fwd+bwd, {B}x{S}, {meta_line(device, dtype)}, ms (interleaved) ==")
+    layer_ms, dense_ms = rows[0]["median_ms"], rows[-1]["median_ms"]
+    rest = layer_ms - sum(r["median_ms"] for r in rows[1:-1])
+    rows.insert(-1, dict(part="  the rest (layer - parts: Python, autograd, allocation, statistics)", median_ms=rest,
+                         min_ms=None))
+    print(f"\n== breakdown of one fwd+bwd, {preset} ({describe(preset)}), {B}x{S}, {N} assignments in {n_slots} "
+          f"rows, {meta_line(device, dtype)}, ms (interleaved medians; parts timed alone) ==")
     for row in rows:
-        print(f"{row['part']:<50}{row['median_ms']:>9.1f} median{row['min_ms']:>9.1f} min")
+        low = "" if row["min_ms"] is None else f"{row['min_ms']:>9.1f} min"
+        print(f"{row['part']:<72}{row['median_ms']:>9.1f} median{low}   {row['median_ms'] / dense_ms:>5.2f}x dense")
     # 5 profiled steps of ours, and on CPU of the dense layer too, to split each one's time into its
     # matmuls as they run inside the layer (cold weights, fresh outputs) and the rest (on GPU the
     # profiler's CPU time is launch time, so no split there)
-    layer, on_cpu = "layer (ours[auto])", device.type == "cpu"
+    layer, on_cpu = f"layer (ours[auto] = {impl})", device.type == "cpu"
     events, faults = {}, {}
     for name in [layer, "dense[split] (the reference)"] if on_cpu else [layer]:
         faults0 = minor_page_faults()
@@ -542,6 +645,73 @@ def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
     return dict(breakdown=rows, inside=split, profile=table)
 
 
+def gemm_shapes(cfg: ModelConfig, rows: int, width: int) -> list[tuple[str, int, int, int]]:
+    """The 9 GEMMs (m, k, n) of one SwiGLU's fwd+bwd on `rows` rows with hidden `width`."""
+    D = cfg.dim
+    return [("fwd x@w1, x@w3", rows, D, width), ("fwd h@w2", rows, width, D), ("bwd g@w2^T", rows, D, width),
+            ("bwd w2 grad h^T@g", width, rows, D), ("bwd w1, w3 grads x^T@g", D, rows, width),
+            ("bwd x grads g@w1^T, g@w3^T", rows, width, D)]
+
+
+def run_roofline(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
+                 dtype: torch.dtype, preset: str = "small") -> dict[str, Any]:
+    """GFLOP/s of each GEMM shape the layer runs, at 1 thread and at --threads: a routed expert's (at the
+    mean rows per expert, one weight per expert, in turn), as bmm over buckets, the shared expert's and the
+    dense layer's; and the bound they put on ours/dense if nothing but these matmuls took time."""
+    B, S = (int(v) for v in args.sizes.split(",")[0].split("x"))
+    T, K, E, I = B * S, cfg.n_activated_experts, cfg.n_routed_experts, cfg.moe_inter_dim
+    rows = max(1, round(T * K / E))
+    g = torch.Generator().manual_seed(0)
+    kinds = {"routed (mm per expert)": (rows, I, E, False), "routed (bmm, buckets of 4)": (rows, I, E, True),
+             "shared expert": (T, cfg.n_shared_experts * I, 1, False),
+             "dense": (T, (K + cfg.n_shared_experts) * I, 1, False)}
+    threads = sorted({1, args.threads})
+    out = []
+    for kind, (m_rows, width, n_mats, bucketed) in kinds.items():
+        if kind == "shared expert" and not cfg.n_shared_experts:
+            continue
+        for name, m, k, n in gemm_shapes(cfg, m_rows, width):
+            reps = 2 if name.startswith(("fwd x@w1", "bwd w1", "bwd x")) else 1  # w1 and w3: two of each
+            a = torch.randn(n_mats, m, k, generator=g).to(device, dtype)
+            b = torch.randn(n_mats, k, n, generator=g).to(device, dtype)
+            row = dict(config=preset, kind=kind, gemm=name, m=m, k=k, n=n, count=reps * n_mats)
+            for th in threads:
+                torch.set_num_threads(th)
+                if bucketed:
+                    fn = lambda a=a, b=b: [torch.bmm(x, w) for x, w in zip(a.split(4), b.split(4))]  # noqa: E731
+                else:
+                    fn = lambda a=a, b=b: [torch.mm(x, w) for x, w in zip(a, b)]  # noqa: E731
+                fn()
+                ts = []
+                for _ in range(max(3, args.rounds)):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    ts.append(time.perf_counter() - t0)
+                sec = statistics.median(ts) * reps
+                row[f"ms_{th}t"] = 1e3 * sec
+                row[f"gflops_{th}t"] = 2 * m * k * n * n_mats * reps / sec / 1e9
+            out.append(row)
+    torch.set_num_threads(args.threads)
+    th = args.threads
+    total = {kind: sum(r[f"ms_{th}t"] for r in out if r["kind"] == kind) for kind in kinds}
+    shared = total.get("shared expert", 0.0)
+    bounds = {kind: total["dense"] / (total[kind] + shared) for kind in kinds if kind.startswith("routed")}
+    print(f"\n== roofline, {preset} ({describe(preset)}), {B}x{S} tokens = {rows} rows per routed expert on "
+          f"average, {meta_line(device, dtype)} ==")
+    print(f"{'kind':<28}{'gemm':<30}{'m x k x n':>18}{'count':>7}" + "".join(f"{f'GFLOP/s {t}t':>13}" for t in threads)
+          + f"{f'ms ({th}t)':>10}")
+    for r in out:
+        mkn = f"{r['m']}x{r['k']}x{r['n']}"
+        print(f"{r['kind']:<28}{r['gemm']:<30}{mkn:>18}{r['count']:>7}"
+              + "".join(f"{r[f'gflops_{t}t']:>13.1f}" for t in threads) + f"{r[f'ms_{th}t']:>10.2f}")
+    for kind, bound in bounds.items():
+        print(f"matmul-only bound on ours/dense with {kind} + shared: {total['dense']:.1f} ms / "
+              f"{total[kind] + shared:.1f} ms = {bound:.2f}")
+    return dict(roofline=out, bounds=[dict(config=preset, kind=k, bound=v) for k, v in bounds.items()])
+
+
 def minor_page_faults() -> int:
     """Minor page faults of this process so far: each first touch of memory fresh from the kernel."""
     try:
@@ -557,12 +727,14 @@ def meta_line(device: torch.device, dtype: torch.dtype) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset-size", choices=sorted(PRESET_SIZES), default="small")
-    ap.add_argument("--sizes", default=None, help="comma list of BATCHxSEQ (default: the preset's)")
+    ap.add_argument("--preset-size", default="small,fine64,fine256",
+                    help=f"comma list of configurations, each with its own batches: {', '.join(PRESET_SIZES)} "
+                         "(default: the three CPU ones)")
+    ap.add_argument("--sizes", default=None, help="comma list of BATCHxSEQ (default: each preset's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
-    ap.add_argument("--impls", default="loop,grouped", help="our expert implementations to time")
+    ap.add_argument("--impls", default="loop,bucketed,grouped", help="our expert implementations to time")
     ap.add_argument("--hf-impls", default="eager,grouped_mm,batched_mm", help="transformers experts implementations")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--rounds", type=int, default=6, help="round-robin passes over the entries")
@@ -577,47 +749,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="instead: time the parts of ours[auto] (first of --sizes), then profile it and the "
                          "dense layer (matmuls vs the rest, page faults) and print ours' top ops")
     ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--roofline", action="store_true",
+                    help="instead: GFLOP/s of every GEMM shape of the layer (routed per expert, as bmm, shared, "
+                         "dense) at 1 thread and --threads, and the bound they put on ours/dense")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
-    if args.repeat > 1 and (args.crossover or args.breakdown):
-        ap.error("--repeat applies to the comparison, not to --crossover or --breakdown")
+    if args.repeat > 1 and (args.crossover or args.breakdown or args.roofline):
+        ap.error("--repeat applies to the comparison, not to --crossover, --breakdown or --roofline")
+    presets = [p for p in args.preset_size.split(",") if p]
+    if not presets or any(p not in PRESET_SIZES for p in presets):
+        ap.error(f"--preset-size: {args.preset_size!r}; choose from {', '.join(PRESET_SIZES)} (comma list)")
 
     from moe.config import parse_overrides
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    cfg = bench_config(args.preset_size, **parse_overrides(args.set))
-    args.sizes = args.sizes or PRESET_SIZES[args.preset_size]["sizes"]
+    overrides = parse_overrides(args.set)
+    cfgs = {p: bench_config(p, **overrides) for p in presets}
+    sizes = args.sizes
     meta = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(device),
         dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
         loadavg_start=os.getloadavg(), preset_size=args.preset_size,
-        config={k: v for k, v in cfg.to_dict().items() if k in PRESET_SIZES["small"]["cfg"] or k in ROUTING},
+        configs={p: {k: v for k, v in c.to_dict().items() if k in PRESET_SIZES["small"]["cfg"] or k in ROUTING}
+                 for p, c in cfgs.items()},
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])))
     with contextlib.suppress(ImportError):
         import transformers
 
         meta["transformers"] = transformers.__version__
     print(f"{meta['date']}  {meta_line(device, dtype)}  torch {meta['torch']}  load {meta['loadavg_start']}")
+
+    def each(run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+        """run(args, cfg, device, dtype, preset) for every preset, its own batches unless --sizes; lists joined."""
+        merged: dict[str, Any] = {}
+        for p, c in cfgs.items():
+            args.sizes = sizes or PRESET_SIZES[p]["sizes"]
+            for k, v in run(args, c, device, dtype, p).items():
+                merged.setdefault(k, []).extend(v if isinstance(v, list) else [v])
+        return merged
+
     if args.crossover:
-        result = run_crossover(args, cfg, device, dtype)
+        result = each(run_crossover)
     elif args.breakdown:
-        result = run_breakdown(args, cfg, device, dtype)
+        result = each(run_breakdown)
+    elif args.roofline:
+        result = each(run_roofline)
     elif args.repeat > 1:
         runs = []
         for i in range(args.repeat):
             start = os.getloadavg()
             print(f"\n## run {i + 1} of {args.repeat}, load average at start {start}")
-            runs.append(dict(loadavg_start=start, **run_comparison(args, cfg, device, dtype)))
+            runs.append(dict(loadavg_start=start, **each(run_comparison)))
             print_table(runs[-1], meta)
         result = dict(runs=runs, summary=summarize_runs(runs))
         print_summary(runs, result["summary"])
     else:
-        result = run_comparison(args, cfg, device, dtype)
+        result = each(run_comparison)
     meta["loadavg_end"] = os.getloadavg()
-    if not (args.crossover or args.breakdown or args.repeat > 1):
+    if not (args.crossover or args.breakdown or args.roofline or args.repeat > 1):
         print_table(result, meta)
     print(f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
     out = dict(meta=meta, **result)

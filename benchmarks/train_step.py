@@ -11,6 +11,8 @@ random bytes (throughput does not depend on the text). Entries are timed interle
   python benchmarks/train_step.py --compile             # also torch.compile'd models
   python benchmarks/train_step.py --device cuda --set dim=512 --batch-size 32
   python benchmarks/train_step.py --fp8 blockwise --impls auto --threads 1   # simulated FP8 vs fp32
+  python benchmarks/train_step.py --segment 4           # fine-grained toy: 4x the experts, 1/4 as wide
+  python benchmarks/train_step.py --profile             # where one MoE step's time goes, by module
 """
 
 from __future__ import annotations
@@ -58,6 +60,44 @@ class Trainer:
         return float(losses["loss"].detach())  # the host sync a real loop has too
 
 
+def segment(cfg: ModelConfig, m: int) -> ModelConfig:
+    """Split every expert into m narrower ones: m times as many routed (and chosen per token) and shared."""
+    if m < 1 or cfg.moe_inter_dim % m:
+        raise SystemExit(f"error: --segment {m}: must be >= 1 and divide moe_inter_dim={cfg.moe_inter_dim}")
+    if m == 1:
+        return cfg
+    return cfg.replace(n_routed_experts=cfg.n_routed_experts * m, n_activated_experts=cfg.n_activated_experts * m,
+                       n_shared_experts=cfg.n_shared_experts * m, moe_inter_dim=cfg.moe_inter_dim // m)
+
+
+def profile_diff(trainers: dict[str, Trainer], x_BS: torch.Tensor, y_BS: torch.Tensor,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Self CPU time per op over 5 profiled steps, MoE (first entry) against dense, largest excess first."""
+    from torch.profiler import profile
+
+    names = [next(n for n in trainers if n.startswith("moe")), "dense"]
+    per_op: dict[str, dict[str, float]] = {}
+    for name in names:
+        t = trainers[name]
+        for _ in range(max(1, args.warmup)):
+            t.step(x_BS, y_BS)
+        with profile() as prof:
+            for _ in range(5):
+                t.step(x_BS, y_BS)
+        per_op[name] = {e.key: e.self_cpu_time_total / 5e3 for e in prof.key_averages()}
+    moe, dense = (per_op[n] for n in names)
+    ops = sorted(set(moe) | set(dense), key=lambda k: dense.get(k, 0.0) - moe.get(k, 0.0))
+    rows = [dict(op=k, moe_ms=moe.get(k, 0.0), dense_ms=dense.get(k, 0.0)) for k in ops]
+    print(f"\n== profile of 5 steps, ms per step (profiler overhead included): {names[0]} "
+          f"{sum(moe.values()):.1f}, dense {sum(dense.values()):.1f}; the ops with the largest excess ==")
+    print(f"{'op':<56}{names[0]:>12}{'dense':>9}{'excess':>9}")
+    for r in rows[:args.profile_rows]:
+        print(f"{r['op'][:55]:<56}{r['moe_ms']:>12.2f}{r['dense_ms']:>9.2f}{r['moe_ms'] - r['dense_ms']:>9.2f}")
+    out = dict(profile=rows, total_ms={n: sum(per_op[n].values()) for n in names})
+    print("JSON " + json.dumps(out))
+    return out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -68,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
     ap.add_argument("--impls", default="auto,grouped", help="expert_impl values for the MoE model")
+    ap.add_argument("--segment", type=int, default=1, metavar="M",
+                    help="fine-grained experts (DeepSeekMoE's segmentation): each routed expert split into M of "
+                         "width moe_inter_dim/M, M times as many chosen per token; same parameters and FLOPs")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--device", default="cpu")
@@ -75,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--fp8", default="", metavar="RECIPES",
                     help="also time the MoE model with these simulated FP8 recipes (moe/fp8.py), e.g. blockwise")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: profile 5 steps of the first MoE entry and of dense, and list the ops where the "
+                         "MoE step spends more (what routing costs beyond the FFN matmuls)")
+    ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per entry per round")
     ap.add_argument("--warmup", type=int, default=2)
@@ -82,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = get_preset(args.preset).replace(**parse_overrides(args.set))
+    cfg = segment(get_preset(args.preset).replace(**parse_overrides(args.set)), args.segment)
     configs = {f"moe[{impl}]": cfg.replace(expert_impl=impl) for impl in args.impls.split(",") if impl}
     for recipe in filter(None, args.fp8.split(",")):
         configs[f"moe+fp8={recipe}"] = cfg.replace(fp8=recipe)
@@ -94,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x_BS = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
     y_BS = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    if args.profile:
+        return profile_diff(trainers, x_BS, y_BS, args)
     load_start = os.getloadavg()
     for t in trainers.values():
         for _ in range(args.warmup):
@@ -129,10 +178,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["vs_dense"] = r["tok_s"] / ref["tok_s"] if ref else None
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=str(device),
                 threads=torch.get_num_threads(), torch=torch.__version__, preset=args.preset, overrides=args.set,
+                segment=args.segment,
                 batch=args.batch_size, seq_len=args.seq_len, loadavg_start=load_start, loadavg_end=os.getloadavg(),
                 n_timed=args.rounds * args.steps)
 
-    print(f"\n== train step, preset {args.preset}, {args.batch_size}x{args.seq_len} tokens, {device}, "
+    seg = (f" segmented x{args.segment} ({cfg.n_routed_experts} experts top-{cfg.n_activated_experts})"
+           if args.segment > 1 else "")
+    print(f"\n== train step, preset {args.preset}{seg}, {args.batch_size}x{args.seq_len} tokens, {device}, "
           f"{meta['threads']} threads, median of {meta['n_timed']} interleaved steps ==")
     print(f"{'model':<20}{'tok/s':>9}{'ms/step':>9}{'min ms':>8}{'vs dense':>9}{'params':>10}{'active':>10}"
           f"{'max load/mean':>14}")

@@ -19,7 +19,7 @@ from typing import Any
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn": ("mha", "mla"),
     "score_func": ("softmax", "sigmoid"),
-    "expert_impl": ("auto", "loop", "grouped"),
+    "expert_impl": ("auto", "loop", "bucketed", "grouped"),
     "fp8": ("none", "blockwise", "rowwise", "tensorwise", "bf16"),  # moe.fp8.RECIPES
 }
 
@@ -70,7 +70,7 @@ class ModelConfig:
     route_scale: float = 1.0  # multiply the routing weights by this
     norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (before route_scale)
     capacity_factor: float | None = None  # None = dropless; else keep ceil(cf*T*K/E) per expert
-    expert_impl: str = "auto"  # expert compute: "loop" (reference), "grouped" (grouped_mm), "auto"
+    expert_impl: str = "auto"  # expert compute: "loop", "bucketed" (bmm), "grouped" (grouped_mm), "auto"
 
     # --- load balancing ---
     bias_update_speed: float = 0.0  # aux-loss-free bias step (gamma; DeepSeek-V3: 0.001; 0 = no bias)

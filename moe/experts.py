@@ -172,6 +172,106 @@ class _LoopAdd(torch.autograd.Function):
         return gx_TD, None, gs_N if need_s else None, None, None, None, *gws
 
 
+# experts per torch.bmm call in experts_bucketed: enough for 2 threads to take 2 each, few enough that the
+# padding up to the bucket's largest expert stays small (measured: docs/performance.md, "Fine-grained experts")
+BUCKET_EXPERTS = 4
+
+
+@torch.compiler.disable  # as experts_loop
+def experts_bucketed(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.Tensor, counts_E: torch.Tensor,
+                     w1_EDI: torch.Tensor, w3_EDI: torch.Tensor, w2_EID: torch.Tensor) -> torch.Tensor:
+    """experts_loop_add's result for many small experts (DeepSeek's fine-grained regime), via torch.bmm.
+
+    A GEMM of a few dozen to a few hundred rows runs about as fast on one thread as on two; a
+    batched matmul instead gives each thread whole experts. So the experts go in buckets of
+    BUCKET_EXPERTS consecutive ids, each expert padded to the bucket's largest row count: slots
+    [bucket, expert, row]. Padding slots read token 0 and get routing weight 0, so they add
+    nothing to any output or gradient, and the combine (a gather-and-sum per token) never reads
+    them. The elementwise work (silu, products) runs once over all slots, not per expert.
+    Equals experts_loop_add in value and in every gradient (tests/test_perf_paths.py).
+    """
+    counts = counts_E.tolist()
+    E, N, dev = len(counts), token_N.numel(), token_N.device
+    buckets, base_E, P = [], [0] * E, 0  # bucket: (first expert, last + 1, rows per expert, first slot)
+    for e0 in range(0, E, BUCKET_EXPERTS):
+        e1 = min(E, e0 + BUCKET_EXPERTS)
+        rows = max(counts[e0:e1])
+        if rows:
+            base_E[e0:e1] = range(P, P + (e1 - e0) * rows, rows)
+            buckets.append((e0, e1, rows, P))
+            P += (e1 - e0) * rows
+    # the slot of each sorted assignment: its expert's first slot + its rank inside the expert
+    expert_N = torch.repeat_interleave(torch.arange(E, device=dev), counts_E, output_size=N)
+    starts_E = counts_E.cumsum(0) - counts_E
+    slot_N = torch.tensor(base_E, device=dev)[expert_N] + torch.arange(N, device=dev) - starts_E[expert_N]
+    token_P = token_N.new_zeros(P).index_copy_(0, slot_N, token_N)
+    bag_N = slot_N.index_select(0, token_N.argsort(stable=True))  # each token's slots, token by token
+    per_token_T = token_N.new_zeros(x_TD.shape[0]).scatter_add_(0, token_N, torch.ones_like(token_N))
+    offsets_T = per_token_T.cumsum(0) - per_token_T
+    return _Bucketed.apply(x_TD, token_P, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID)
+
+
+def _per_bucket(buckets: list, t_PC: torch.Tensor) -> list[torch.Tensor]:
+    """Views [experts, rows, C] of each bucket's slots."""
+    return [t_PC[p0:p0 + (e1 - e0) * rows].view(e1 - e0, rows, t_PC.shape[-1]) for e0, e1, rows, p0 in buckets]
+
+
+class _Bucketed(torch.autograd.Function):
+    """Forward and backward of experts_bucketed, the same algebra as _LoopAdd with s = 0 on padding:
+    a = x w1, b = x w3, h = silu(a) * b, y = (s * h) w2. Saved: x, a, b. Few and reused buffers:
+    on CPU each fresh large tensor costs page faults (glibc hands big blocks back to the OS)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_P, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID):
+        P, I = token_P.numel(), w1_EDI.shape[-1]
+        s_P1 = scale_N.new_zeros(P).index_copy_(0, slot_N, scale_N).unsqueeze(-1)
+        x_PD = x_TD.index_select(0, token_P)
+        a_PI, b_PI = x_TD.new_empty(P, I), x_TD.new_empty(P, I)
+        for (e0, e1, *_), x, a, b in zip(buckets, *(_per_bucket(buckets, t) for t in (x_PD, a_PI, b_PI))):
+            torch.bmm(x, w1_EDI[e0:e1], out=a)
+            torch.bmm(x, w3_EDI[e0:e1], out=b)
+        hs_PI = F.silu(a_PI).mul_(b_PI).mul_(s_P1)
+        y_PD = torch.empty_like(x_PD)
+        for (e0, e1, *_), hs, y in zip(buckets, _per_bucket(buckets, hs_PI), _per_bucket(buckets, y_PD)):
+            torch.bmm(hs, w2_EID[e0:e1], out=y)
+        ctx.buckets = buckets
+        ctx.save_for_backward(token_P, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_PD, a_PI, b_PI)
+        return _sum_bags(y_PD, bag_N, offsets_T)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        token_P, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_PD, a_PI, b_PI = ctx.saved_tensors
+        buckets = ctx.buckets
+        views = lambda *ts: zip(buckets, *(_per_bucket(buckets, t) for t in ts))  # noqa: E731
+        g_PD = g_TD.contiguous().index_select(0, token_P)
+        gh_PI = torch.empty_like(a_PI)
+        gw1_EDI, gw3_EDI, gw2_EID = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
+        covered = torch.zeros(w1_EDI.shape[0], dtype=torch.bool)
+        for e0, e1, *_ in buckets:
+            covered[e0:e1] = True
+        for gw in (gw1_EDI, gw3_EDI, gw2_EID):  # experts in no bucket (none in theirs had rows): zero
+            gw[~covered.to(gw.device)] = 0
+        for (e0, e1, *_), g, gh in views(g_PD, gh_PI):
+            torch.bmm(g, w2_EID[e0:e1].transpose(1, 2), out=gh)  # d/d(s * h)
+        sa_PI = F.silu(a_PI)
+        h_PI = sa_PI * b_PI
+        gs_N = torch.linalg.vecdot(gh_PI, h_PI).index_select(0, slot_N)
+        hs_PI = h_PI.mul_(s_P1)
+        for (e0, e1, *_), hs, g in views(hs_PI, g_PD):
+            torch.bmm(hs.transpose(1, 2), g, out=gw2_EID[e0:e1])
+        gh_PI.mul_(s_P1)  # d/dh: zero on padding, so padding adds nothing below
+        gb_PI = torch.mul(gh_PI, sa_PI, out=h_PI)  # h is used up: its buffer takes d/db
+        ga_PI = torch.ops.aten.silu_backward.grad_input(gh_PI.mul_(b_PI), a_PI, grad_input=sa_PI)  # and silu's d/da
+        gx_PD = g_PD  # g is used up too: each bucket's rows are read before they are overwritten
+        for (e0, e1, *_), x, ga, gb, gx in views(x_PD, ga_PI, gb_PI, gx_PD):
+            torch.bmm(x.transpose(1, 2), ga, out=gw1_EDI[e0:e1])
+            torch.bmm(x.transpose(1, 2), gb, out=gw3_EDI[e0:e1])
+            torch.bmm(ga, w1_EDI[e0:e1].transpose(1, 2), out=gx).baddbmm_(gb, w3_EDI[e0:e1].transpose(1, 2))
+        need = ctx.needs_input_grad
+        return (_sum_bags(gx_PD, bag_N, offsets_T) if need[0] else None, None, None, gs_N if need[3] else None,
+                None, None, None, *(gw if n else None for gw, n in zip((gw1_EDI, gw3_EDI, gw2_EID), need[7:])))
+
+
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
                     w3_EDI: torch.Tensor, w2_EID: torch.Tensor,
                     scale_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,8 +308,10 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
                and (w.shape[-2] * w.element_size()) % 16 == 0 for w in weights)
 
 
-# CPU crossover of 'auto' (benchmarks/moe_layer.py --crossover): grouped_mm below, loop above
-CPU_LOOP_MIN_ROWS_PER_EXPERT = 192
+# CPU crossovers of 'auto', in mean rows (assignments) per expert (benchmarks/moe_layer.py --crossover):
+# grouped_mm below the first, bucketed bmm up to the second, the per-expert loop above
+CPU_BUCKETED_MIN_ROWS_PER_EXPERT = 4
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 512
 
 
 class Experts(nn.Module):
@@ -229,19 +331,25 @@ class Experts(nn.Module):
     def reset_parameters(self) -> None:
         init_weights(self, self.cfg)
 
-    def use_grouped(self, x: torch.Tensor, n_rows: int) -> bool:
-        """'auto': grouped_mm on GPU; on CPU grouped_mm for small batches, the loop for large.
+    def impl_for(self, x: torch.Tensor, n_rows: int) -> str:
+        """The implementation that runs: cfg.expert_impl, or for 'auto' one chosen by device and size.
 
-        Measured on CPU (docs/performance.md, the crossover): one grouped call wins while
-        experts get few rows each; from a few hundred rows per expert the loop, which keeps
-        each expert's rows in cache, is faster.
+        GPU: grouped_mm. CPU (measured, docs/performance.md): grouped_mm (one call, no Python per
+        expert) while experts get a handful of rows each; bucketed bmm while they get tens to a
+        few hundred (small GEMMs gain little from a second thread; bmm hands each thread whole
+        experts); from a few hundred rows per expert the loop, which keeps each expert's rows in
+        cache, is fastest. Where grouped_mm is unsupported (e.g. float64), bucketed takes its place.
         """
         impl = self.cfg.expert_impl
         if impl != "auto":
-            return impl == "grouped"
-        if not grouped_mm_supported(x, self.w1, self.w3, self.w2):
-            return False
-        return x.device.type != "cpu" or n_rows < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.cfg.n_routed_experts
+            return impl
+        grouped_ok = grouped_mm_supported(x, self.w1, self.w3, self.w2)
+        if x.device.type != "cpu":
+            return "grouped" if grouped_ok else "loop"
+        per_expert = n_rows / self.cfg.n_routed_experts
+        if per_expert >= CPU_LOOP_MIN_ROWS_PER_EXPERT:
+            return "loop"
+        return "grouped" if grouped_ok and per_expert < CPU_BUCKETED_MIN_ROWS_PER_EXPERT else "bucketed"
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor,
                 experts_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,9 +368,10 @@ class Experts(nn.Module):
             y_ND = experts_fp8(x_TD.index_select(0, token_N), d.counts_E, self.w1, self.w3, self.w2, scale_N,
                                self.fp8)
             return x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND), d.counts_E, d.dropped
-        if not self.use_grouped(x_TD, token_N.numel()):
-            y_TD = experts_loop_add(x_TD, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2)
-            return y_TD, d.counts_E, d.dropped
+        impl = self.impl_for(x_TD, token_N.numel())
+        if impl in ("loop", "bucketed"):
+            fn = experts_loop_add if impl == "loop" else experts_bucketed
+            return fn(x_TD, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2), d.counts_E, d.dropped
         x_ND = x_TD.index_select(0, token_N)  # each expert's tokens, contiguous
         y_ND = experts_grouped(x_ND, d.counts_E, self.w1, self.w3, self.w2, scale_N)
         # scatter-add each weighted output onto its token; dropped assignments add nothing

@@ -45,7 +45,7 @@ def reference(ex: Experts, x_TD, weights_TK, experts_TK, keep_TK=None):
     return y
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "bucketed", "grouped"])
 def test_dropless_dispatch_matches_per_token_reference(impl):
     ex = make_experts(expert_impl=impl)
     x = torch.randn(20, 16)
@@ -108,7 +108,7 @@ def test_capacity_counts_the_top_k_factor():
     assert expert_capacity(1.25, 10, 2, 4) == 7
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "bucketed", "grouped"])
 def test_capacity_drops_overflow_in_token_order_and_counts_it(impl):
     E, K, T = 4, 2, 12
     ex = make_experts(E=E, K=K, capacity_factor=0.5, expert_impl=impl)

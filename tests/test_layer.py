@@ -43,7 +43,7 @@ def test_shared_experts_equal_one_mlp_of_their_total_width():
 
 @settings(max_examples=20, deadline=None)
 @given(B=st.integers(1, 3), S=st.integers(1, 9), seed=st.integers(0, 999),
-       impl=st.sampled_from(["loop", "grouped"]))
+       impl=st.sampled_from(["loop", "bucketed", "grouped"]))
 def test_dropless_processes_every_token_and_counts_sum_to_TK(B, S, seed, impl):
     m = make_moe(seed=seed, n_shared_experts=0, expert_impl=impl)
     reset_routing_stats(m)

@@ -15,8 +15,11 @@ import torch
 
 from moe.config import ModelConfig
 from moe.experts import (
+    BUCKET_EXPERTS,
+    CPU_BUCKETED_MIN_ROWS_PER_EXPERT,
     CPU_LOOP_MIN_ROWS_PER_EXPERT,
     Experts,
+    experts_bucketed,
     experts_grouped,
     experts_loop,
     experts_loop_add,
@@ -70,7 +73,7 @@ def assert_all_close(a: list[torch.Tensor], b: list[torch.Tensor], **tol) -> Non
 
 
 def loop_then_scatter_add(x_TD, token_N, scale_N, counts_E, *ws):
-    """What experts_loop_add must equal: gather, the reference loop, scale, scatter-add."""
+    """What experts_loop_add and experts_bucketed must equal: gather, the reference loop, scale, scatter-add."""
     y_ND = experts_loop(x_TD.index_select(0, token_N), counts_E, *ws) * scale_N.unsqueeze(-1)
     return x_TD.new_zeros(x_TD.shape).index_add(0, token_N, y_ND)
 
@@ -97,8 +100,13 @@ def test_grouped_with_row_scale_equals_loop_times_scale_forward_and_backward(T, 
     assert_all_close(*results, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("T,E,K,seed", [(1, 4, 1, 0), (7, 4, 2, 1), (33, 8, 3, 2), (64, 16, 4, 3)])
-def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(T, E, K, seed):
+# the two CPU fast paths with the same contract: (x_TD, token_N, scale_N, counts_E, w1, w3, w2) -> y_TD
+FAST = pytest.mark.parametrize("fast", [experts_loop_add, experts_bucketed], ids=["loop_add", "bucketed"])
+
+
+@FAST
+@pytest.mark.parametrize("T,E,K,seed", [(1, 4, 1, 0), (7, 4, 2, 1), (33, 8, 3, 2), (64, 16, 4, 3), (40, 10, 3, 4)])
+def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(fast, T, E, K, seed):
     D, I = 32, 16
     g = torch.Generator().manual_seed(seed)
     d = random_dispatch(T, E, K, g)
@@ -112,7 +120,7 @@ def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(T, E, K, see
         xi, si = x_TD.clone().requires_grad_(True), scale_N.clone().requires_grad_(True)
         ws = [w.clone().requires_grad_(True) for w in weights]
         if fused:
-            y = experts_loop_add(xi, token_N, si, d.counts_E, *ws)
+            y = fast(xi, token_N, si, d.counts_E, *ws)
         else:
             y = loop_then_scatter_add(xi, token_N, si, d.counts_E, *ws)
         y.backward(gout)
@@ -120,7 +128,8 @@ def test_loop_add_equals_loop_then_scatter_add_forward_and_backward(T, E, K, see
     assert_all_close(*results, rtol=1e-5, atol=1e-5)
 
 
-def test_loop_add_with_dropped_assignments_equals_scatter_add():
+@FAST
+def test_loop_add_with_dropped_assignments_equals_scatter_add(fast):
     """Tokens keep 0..K of their assignments (a capacity limit): the per-token bags vary in size."""
     T, E, K, D, I = 9, 4, 2, 8, 4
     g = torch.Generator().manual_seed(5)
@@ -131,7 +140,7 @@ def test_loop_add_with_dropped_assignments_equals_scatter_add():
     x = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.rand(token_N.numel(), generator=g, dtype=torch.float64, requires_grad=True)
     ws = [w.double().requires_grad_(True) for w in expert_weights(E, D, I, g)]
-    got = experts_loop_add(x, token_N, s, d.counts_E, *ws)
+    got = fast(x, token_N, s, d.counts_E, *ws)
     ref = loop_then_scatter_add(x, token_N, s, d.counts_E, *ws)
     torch.testing.assert_close(got, ref)
     gout = torch.randn(T, D, generator=g, dtype=torch.float64)
@@ -139,20 +148,24 @@ def test_loop_add_with_dropped_assignments_equals_scatter_add():
                      list(torch.autograd.grad(ref, (x, s, *ws), gout)))
 
 
-def test_loop_add_gradcheck_float64_with_empty_experts():
-    E, T, K, D, I = 5, 6, 2, 4, 3
+@FAST
+def test_loop_add_gradcheck_float64_with_empty_experts(fast):
+    """Experts 1, 3 and the whole second bucket (4..7) get no token: zero gradients, padding inert."""
+    assert BUCKET_EXPERTS == 4
+    E, T, K, D, I = 9, 6, 2, 4, 3
     g = torch.Generator().manual_seed(0)
-    experts_TK = torch.tensor([[0, 2], [2, 0], [0, 4], [4, 2], [2, 0], [0, 2]])  # experts 1, 3 unused
+    experts_TK = torch.tensor([[0, 2], [2, 0], [0, 8], [8, 2], [2, 0], [0, 2]])
     d = sort_by_expert(experts_TK, E)
     token_N = d.order_N // K
     x = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.rand(T * K, generator=g, dtype=torch.float64, requires_grad=True)
     ws = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
           for shape in ((E, D, I), (E, D, I), (E, I, D))]
-    assert torch.autograd.gradcheck(lambda x, s, *ws: experts_loop_add(x, token_N, s, d.counts_E, *ws), (x, s, *ws))
+    assert torch.autograd.gradcheck(lambda x, s, *ws: fast(x, token_N, s, d.counts_E, *ws), (x, s, *ws))
 
 
-def test_loop_add_with_partial_gradients_and_without_grad():
+@FAST
+def test_loop_add_with_partial_gradients_and_without_grad(fast):
     E, T, K, D, I = 4, 10, 2, 8, 4
     g = torch.Generator().manual_seed(1)
     d = random_dispatch(T, E, K, g)
@@ -161,9 +174,9 @@ def test_loop_add_with_partial_gradients_and_without_grad():
     ws = expert_weights(E, D, I, g, std=1.0)
     ref = loop_then_scatter_add(x, token_N, s, d.counts_E, *ws)
     with torch.no_grad():  # inference: nothing saved
-        torch.testing.assert_close(experts_loop_add(x, token_N, s, d.counts_E, *ws), ref)
+        torch.testing.assert_close(fast(x, token_N, s, d.counts_E, *ws), ref)
     w2 = ws[2].clone().requires_grad_(True)  # only one weight trains: the others get no gradient
-    y = experts_loop_add(x, token_N, s, d.counts_E, ws[0], ws[1], w2)
+    y = fast(x, token_N, s, d.counts_E, ws[0], ws[1], w2)
     (gw2,) = torch.autograd.grad(y, (w2,), torch.ones_like(y) * 0.5)
     w2_ref = ws[2].clone().requires_grad_(True)
     y_ref = loop_then_scatter_add(x, token_N, s, d.counts_E, ws[0], ws[1], w2_ref)
@@ -171,23 +184,25 @@ def test_loop_add_with_partial_gradients_and_without_grad():
     torch.testing.assert_close(gw2, gw2_ref)
 
 
-def test_auto_on_cpu_is_grouped_for_small_batches_and_the_loop_for_large():
+def test_auto_on_cpu_picks_grouped_then_bucketed_then_the_loop_by_rows_per_expert():
     ex = Experts(small_cfg(expert_impl="auto"))
-    rows = CPU_LOOP_MIN_ROWS_PER_EXPERT * ex.cfg.n_routed_experts
+    E = ex.cfg.n_routed_experts
     x = torch.randn(4, 32)
-    assert ex.use_grouped(x, rows - 1)
-    assert not ex.use_grouped(x, rows)
-    assert not ex.use_grouped(x.double(), 4)  # grouped_mm has no float64
-    assert Experts(small_cfg(expert_impl="grouped")).use_grouped(x, rows)
-    assert not Experts(small_cfg(expert_impl="loop")).use_grouped(x, 4)
+    assert ex.impl_for(x, CPU_BUCKETED_MIN_ROWS_PER_EXPERT * E - 1) == "grouped"
+    assert ex.impl_for(x, CPU_BUCKETED_MIN_ROWS_PER_EXPERT * E) == "bucketed"
+    assert ex.impl_for(x, CPU_LOOP_MIN_ROWS_PER_EXPERT * E - 1) == "bucketed"
+    assert ex.impl_for(x, CPU_LOOP_MIN_ROWS_PER_EXPERT * E) == "loop"
+    assert ex.impl_for(x.double(), 4) == "bucketed"  # grouped_mm has no float64
+    for impl in ("grouped", "bucketed", "loop"):
+        assert Experts(small_cfg(expert_impl=impl)).impl_for(x, 4) == impl
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_is_grouped_on_gpu():
     ex = Experts(small_cfg(expert_impl="auto")).cuda()
     x = torch.randn(4, 32, device="cuda")
-    assert ex.use_grouped(x, 10**6)
-    assert not ex.use_grouped(x.bfloat16(), 4)  # the weights are fp32
+    assert ex.impl_for(x, 10**6) == "grouped"
+    assert ex.impl_for(x.bfloat16(), 4) == "loop"  # the weights are fp32
 
 
 def test_unused_experts_get_zero_gradient_in_both_paths():
@@ -206,7 +221,7 @@ def test_unused_experts_get_zero_gradient_in_both_paths():
             assert torch.all(w.grad[[1, 3, 4]] == 0)
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "bucketed", "grouped"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
 def test_dispatch_equals_per_token_sum_with_weight_gradients(capacity_factor, impl):
     """Gather, scaled experts, scatter-add == sum_k w_tk * expert(x_t), also for d/dweights."""
@@ -241,11 +256,12 @@ def test_dispatch_equals_per_token_sum_with_weight_gradients(capacity_factor, im
     assert_all_close(list(got), list(want), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("other", ["grouped", "bucketed"])
 @pytest.mark.parametrize("shape", [(2, 9), (3, 40)])
-def test_moe_loop_and_grouped_agree_forward_and_all_gradients(shape):
+def test_moe_loop_and_grouped_agree_forward_and_all_gradients(shape, other):
     x = torch.randn(*shape, 32)
     gout = torch.randn(*shape, 32)
-    loop, grouped = make_moe("loop"), make_moe("grouped")
+    loop, grouped = make_moe("loop"), make_moe(other)
     grouped.load_state_dict(loop.state_dict())
     y0, g0 = grads_of(loop, x, gout)
     y1, g1 = grads_of(grouped, x, gout)
@@ -297,7 +313,7 @@ def test_standalone_moe_init_is_random_router_and_scaled_outputs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["grouped", "loop"])
+@pytest.mark.parametrize("impl", ["grouped", "bucketed", "loop"])
 def test_moe_under_torch_compile_matches_eager_and_counts_tokens(impl):
     m = make_moe(impl)
     compiled = torch.compile(m)
@@ -335,14 +351,17 @@ def test_benchmark_factory_builds_our_moe_for_the_peer_harness():
 
 
 TINY_BENCH = ["--sizes", "1x64", "--set", "dim=32", "--set", "moe_inter_dim=16", "--rounds", "1", "--steps", "1",
-              "--warmup", "0", "--threads", "1"]
+              "--warmup", "0", "--threads", "1", "--preset-size", "small"]
 
 
 def test_benchmark_comparison_reports_every_entry_with_ratios(capsys):
     torch.manual_seed(0)
-    out = load_benchmark().main(TINY_BENCH + ["--compile", "off", "--hf-impls", ""])
-    rows = {r["name"]: r for r in out["rows"]}
-    assert set(rows) == {"ours[loop]", "ours[grouped]", "dense[fused]", "dense[split]"}
+    out = load_benchmark().main(TINY_BENCH + ["--compile", "off", "--hf-impls", "", "--preset-size", "small,fine64"])
+    assert {r["config"] for r in out["rows"]} == {"small", "fine64"}
+    fine = {r["name"]: r for r in out["rows"] if r["config"] == "fine64"}
+    assert set(fine) == {"ours[loop]", "ours[bucketed]", "ours[grouped]", "dense[fused]", "dense[split]"}
+    rows = {r["name"]: r for r in out["rows"] if r["config"] == "small"}
+    assert set(rows) == set(fine)
     dense_best = max(rows["dense[fused]"]["fb_tok_s"], rows["dense[split]"]["fb_tok_s"])
     for r in rows.values():
         assert r["fb_tok_s"] > 0 and r["peak_mb"] > 0
@@ -357,8 +376,8 @@ def test_benchmark_repeat_summarizes_each_runs_ratios_against_the_targets(capsys
     out = bench.main(TINY_BENCH + ["--compile", "off", "--hf-impls", "eager", "--impls", "loop", "--repeat", "3"])
     assert len(out["runs"]) == 3
     (summary,) = out["summary"]
-    assert summary["name"] == "ours[loop]" and summary["n_runs"] == 3
-    for ratio, target in bench.TARGETS.items():
+    assert summary["name"] == "ours[loop]" and summary["n_runs"] == 3 and summary["config"] == "small"
+    for ratio, target in bench.TARGETS["small"].items():
         per_run = [next(r for r in run["rows"] if r["name"] == "ours[loop]")[ratio] for run in out["runs"]]
         assert summary[ratio] == per_run
         assert summary[f"{ratio}_median"] == sorted(per_run)[1]
@@ -372,18 +391,46 @@ def test_benchmark_summary_keeps_long_entry_names_apart(capsys):
     bench = load_benchmark()
     entry = dict(batch=16, seq=512, n_runs=1, vs_dense=[0.8], vs_dense_median=0.8, vs_dense_met=1,
                  vs_hf_best=[1.3], vs_hf_best_median=1.3, vs_hf_best_met=1)
-    summary = [dict(entry, name="ours[loop]+compile", auto=True), dict(entry, name="ours[grouped]+compile", auto=False)]
+    summary = [dict(entry, config="small", name="ours[loop]+compile", auto=True),
+               dict(entry, config="fine64", name="ours[grouped]+compile", auto=False)]
     bench.print_summary([dict(loadavg_start=(0.5, 0.5, 0.5))], summary)
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("run"))
-    assert re.split(r"\s{2,}", header) == ["run", "load at start", "16x512 ours[loop]+compile =auto",
-                                          "16x512 ours[grouped]+compile"]
+    assert re.split(r"\s{2,}", header) == ["run", "load at start", "small 16x512 ours[loop]+compile =auto",
+                                          "fine64 16x512 ours[grouped]+compile"]
 
 
 def test_benchmark_breakdown_splits_matmuls_from_the_rest():
     out = load_benchmark().main(TINY_BENCH + ["--breakdown"])
-    assert [r["part"].strip() for r in out["breakdown"]][0] == "layer (ours[auto])"
+    parts = {r["part"].strip(): r["median_ms"] for r in out["breakdown"]}
+    assert list(parts)[0].startswith("layer (ours[auto] = ")
+    # the parts timed alone and the remainder add up to the layer
+    layer = list(parts.values())[0]
+    assert sum(list(parts.values())[1:-1]) == pytest.approx(layer)
+    assert any(p.startswith("expert matmuls alone") for p in parts) and "router (scores, group limit, top-k)" in parts
     ours, dense = out["inside"]
     for row in (ours, dense):
         assert 0 < row["matmul_ms"] < row["total_ms"] and row["page_faults"] >= 0
     # routing (scores, top-k, sort, gathers, combine) is work beyond the matmuls that a dense MLP does not do
     assert ours["other_ms"] > dense["other_ms"]
+
+
+def test_benchmark_roofline_bounds_ours_by_the_gemm_rates():
+    out = load_benchmark().main(TINY_BENCH + ["--roofline", "--preset-size", "fine64"])
+    rows = out["roofline"]
+    kinds = {"routed (mm per expert)", "routed (bmm, buckets of 4)", "shared expert", "dense"}
+    assert {r["kind"] for r in rows} == kinds
+    assert all(r["gflops_1t"] > 0 and r["ms_1t"] > 0 for r in rows)
+    routed = [r for r in rows if r["kind"] == "routed (mm per expert)"]
+    assert routed[0]["m"] == round(64 * 6 / 64) and routed[0]["count"] == 2 * 64  # x@w1 and x@w3 per expert
+    for b in out["bounds"]:
+        dense = sum(r["ms_1t"] for r in rows if r["kind"] == "dense")
+        mine = sum(r["ms_1t"] for r in rows if r["kind"] in (b["kind"], "shared expert"))
+        assert b["bound"] == pytest.approx(dense / mine)
+
+
+def test_benchmark_crossover_reports_the_fastest_and_what_auto_picks():
+    out = load_benchmark().main(TINY_BENCH + ["--crossover", "--crossover-tokens", "2,64"])
+    for r in out["crossover"]:
+        times = {k: r[f"fwd_bwd_{k}_us"] for k in ("loop", "bucketed", "grouped")}
+        assert r["fwd_bwd_fastest"] == min(times, key=times.get)
+        assert r["auto"] in times and r["rows_per_expert"] == r["tokens"] * 4 / 16
