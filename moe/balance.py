@@ -117,12 +117,12 @@ def seq_aux_loss(scores_TE: torch.Tensor, experts_TK: torch.Tensor, batch: int,
     T, E = scores_TE.shape
     K = experts_TK.shape[1]
     S = T // batch
-    w_BS = _token_weights(T, valid_T, scores_TE).view(batch, S)
+    w_BS = _token_weights(T, valid_T, scores_TE).reshape(batch, S)
     n_B = w_BS.sum(dim=1)
     counts_BE = scores_TE.new_zeros(batch, E).scatter_add_(
-        1, experts_TK.view(batch, S * K), w_BS.repeat_interleave(K, dim=1))
+        1, experts_TK.reshape(batch, S * K), w_BS.repeat_interleave(K, dim=1))
     f_BE = counts_BE * E / (n_B.clamp_min(1.0) * K)[:, None]
-    P_BE = (_normalised(scores_TE).view(batch, S, E) * w_BS[..., None]).sum(dim=1) / n_B.clamp_min(1.0)[:, None]
+    P_BE = (_normalised(scores_TE).reshape(batch, S, E) * w_BS[..., None]).sum(dim=1) / n_B.clamp_min(1.0)[:, None]
     has_B = (n_B > 0).to(scores_TE.dtype)
     return ((f_BE * P_BE).sum(dim=-1) * has_B).sum() / has_B.sum().clamp_min(1.0)
 

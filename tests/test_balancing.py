@@ -134,3 +134,15 @@ def test_balancing_experiment_quick(tmp_path, monkeypatch):
         assert (tmp_path / f"balancing_{name}.png").stat().st_size > 1000
     assert "<pre" in (tmp_path / "balancing_routing.html").read_text()
     assert "| aux_free |" in (tmp_path / "table.md").read_text()
+
+
+def test_seq_aux_loss_takes_non_contiguous_inputs():
+    """Scores and choices sliced out of larger tensors (strided views) give the same loss as copies."""
+    g = torch.Generator().manual_seed(0)
+    scores_TE = torch.rand(12, 16, generator=g)[:, ::2]  # stride 2 along experts
+    experts_TK = torch.rand(12, 8, generator=g).topk(4, dim=-1).indices.t().contiguous().t()[:, :2]
+    assert not scores_TE.is_contiguous() and not experts_TK.is_contiguous()
+    valid_T = torch.ones(24, dtype=torch.bool)[::2]
+    got = balance.seq_aux_loss(scores_TE, experts_TK, batch=3, valid_T=valid_T)
+    want = balance.seq_aux_loss(scores_TE.contiguous(), experts_TK.contiguous(), batch=3, valid_T=valid_T.contiguous())
+    torch.testing.assert_close(got, want)
