@@ -1,6 +1,7 @@
 """End-to-end training throughput of the toy model: MoE vs its equal-active-FLOPs dense twin.
 
-One step = forward with targets (cross-entropy + balance terms), backward, gradient clipping,
+One step = forward with targets (cross-entropy + balance terms; bf16 autocast on CUDA, fp32 on
+CPU, as `moe.train`), backward, gradient clipping,
 AdamW, the aux-loss-free bias update and the routing-stat reset: what `moe.train` does per
 step, minus data loading, evaluation and checkpoints. The dense model is
 `moe.config.dense_baseline(cfg)`: every block a SwiGLU of width (top_k + n_shared) *
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe.accounting import count_params  # noqa: E402
 from moe.balance import update_bias  # noqa: E402
 from moe.config import ModelConfig, dense_baseline, get_preset, parse_overrides  # noqa: E402
+from moe.device import autocast  # noqa: E402
 from moe.layer import reset_routing_stats, routing_stats  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from moe.train import TrainConfig, build_optimizer  # noqa: E402
@@ -50,7 +52,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def step(self, x_BS: torch.Tensor, y_BS: torch.Tensor) -> float:
-        _, losses = self.forward(x_BS, y_BS)
+        with autocast(x_BS.device):  # as moe.train: bf16 on CUDA, fp32 on CPU
+            _, losses = self.forward(x_BS, y_BS)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()

@@ -12,13 +12,16 @@ Dispatch is sort-based and dropless by default:
   4. scale each output by its routing weight and add it onto its token.
 Steps 2 and 4 are the only data movement routing adds over a dense MLP: one gather of the
 N rows in and one sum of the N rows back onto their T tokens; each is the other's backward.
-Experts runs them in one of two ways ('auto' picks by device and size):
-  - grouped (GPU, small CPU batches): gather all N rows (index_select), three grouped matmuls
-    with the routing weight folded into the hidden activation, one scatter-add (index_add_);
-  - loop (large CPU batches): `experts_loop_add`, one expert at a time, gather its rows and
-    run its matmuls while they are in cache, then sum each token's K rows in one call
-    (`embedding_bag`, a gather-and-sum per token); forward and backward are written out by
-    hand so each expert's weight gradients also land directly in place.
+Experts runs them in one of three ways ('auto' picks by device and rows per expert):
+  - grouped (GPU; CPU decode, a few rows per expert): gather all N rows (index_select), three
+    grouped matmuls with the routing weight folded into the hidden activation, one scatter-add;
+  - bucketed (CPU, tens to hundreds of rows per expert: the fine-grained regime):
+    `experts_bucketed`, buckets of 4 experts padded to equal rows, one torch.bmm per bucket, so
+    each thread gets whole small GEMMs; the elementwise work runs once over all rows;
+  - loop (CPU, large batches): `experts_loop_add`, one expert at a time, gather its rows and
+    run its matmuls while they are in cache.
+The last two sum each token's K rows in one call (`embedding_bag`, a gather-and-sum per token)
+and write forward and backward out by hand, so weight gradients land directly in place.
 With a capacity factor, each expert keeps only its first ceil(cf * T * K / E) assignments (in
 token order) and the rest are dropped and counted: the classic Switch/GShard behaviour, kept
 for comparison.
@@ -311,7 +314,7 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 # CPU crossovers of 'auto', in mean rows (assignments) per expert (benchmarks/moe_layer.py --crossover):
 # grouped_mm below the first, bucketed bmm up to the second, the per-expert loop above
 CPU_BUCKETED_MIN_ROWS_PER_EXPERT = 4
-CPU_LOOP_MIN_ROWS_PER_EXPERT = 512
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 768
 
 
 class Experts(nn.Module):

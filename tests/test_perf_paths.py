@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from moe.config import ModelConfig
+from moe.config import PRESETS, ModelConfig
 from moe.experts import (
     BUCKET_EXPERTS,
     CPU_BUCKETED_MIN_ROWS_PER_EXPERT,
@@ -434,3 +434,42 @@ def test_benchmark_crossover_reports_the_fastest_and_what_auto_picks():
         times = {k: r[f"fwd_bwd_{k}_us"] for k in ("loop", "bucketed", "grouped")}
         assert r["fwd_bwd_fastest"] == min(times, key=times.get)
         assert r["auto"] in times and r["rows_per_expert"] == r["tokens"] * 4 / 16
+
+
+def load_train_step():
+    spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(ROOT, "benchmarks", "train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+TINY_STEP = ["--batch-size", "2", "--seq-len", "16", "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+             "--set", "dim=32", "--set", "moe_inter_dim=16", "--set", "inter_dim=48"]
+
+
+def test_train_step_segment_keeps_parameters_and_flops_and_times_the_dense_twin(capsys):
+    bench = load_train_step()
+    plain = bench.main(TINY_STEP + ["--impls", "bucketed"])
+    fine = bench.main(TINY_STEP + ["--impls", "bucketed", "--segment", "4"])
+    for out in (plain, fine):
+        rows = {r["name"]: r for r in out["rows"]}
+        assert set(rows) == {"moe[bucketed]", "dense"}
+        moe, dense = rows["moe[bucketed]"], rows["dense"]
+        assert moe["vs_dense"] == pytest.approx(moe["tok_s"] / dense["tok_s"])
+    p, f = ({r["name"]: r for r in out["rows"]}["moe[bucketed]"] for out in (plain, fine))
+    # 4x the experts of 1/4 the width, 4x as many chosen and shared: the same parameters and active parameters
+    # up to the router's E x D weight
+    assert f["params_total"] - p["params_total"] == 3 * (32 - 8) * 32  # 3 MoE layers' routers: 24 more rows of dim 32
+    assert f["params_active"] - p["params_active"] == f["params_total"] - p["params_total"]
+    cfg = bench.segment(PRESETS["toy"], 4)
+    assert (cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_shared_experts, cfg.moe_inter_dim) == (32, 8, 4, 24)
+    with pytest.raises(SystemExit, match="--segment 5"):
+        bench.segment(PRESETS["toy"], 5)
+
+
+def test_train_step_profile_lists_the_ops_where_moe_exceeds_dense(capsys):
+    out = load_train_step().main(TINY_STEP + ["--impls", "loop", "--profile", "--profile-rows", "5"])
+    excess = [r["moe_ms"] - r["dense_ms"] for r in out["profile"]]
+    assert excess == sorted(excess, reverse=True)
+    assert any(r["op"] == "_LoopAdd" and r["dense_ms"] == 0 for r in out["profile"])  # only the MoE step routes
+    assert set(out["total_ms"]) == {"moe[loop]", "dense"}
