@@ -317,6 +317,9 @@ def _prepare(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool):
     ckpt = None
     if resume:
         ckpt = load_checkpoint(tc.out, expect_config=model_cfg)
+        if ckpt.state.get("weights_only"):
+            raise ValueError(f"{tc.out} holds converted weights only (python -m moe convert): no optimizer state or "
+                             "data position to resume from; use it with generate, info or moe.checkpoint.load_model")
         model_cfg = ckpt.config
     else:
         model_cfg = model_cfg or PRESETS["toy"]

@@ -545,6 +545,11 @@ def test_convert_cli_from_a_saved_transformers_model_then_generate(mixtral, tmp_
                  "--prompt", "ab", "--no-stream"]) == 0
     assert capsys.readouterr().out.startswith("ab")
     assert main(["info", str(tmp_path / "run")]) == 0
+    # weights only: train cannot resume it, and says so in one line (it was a KeyError traceback)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "converted weights only" in err and err.count("\n") == 1
 
 
 def test_convert_cli_errors_are_one_line(tmp_path, capsys):
