@@ -124,6 +124,10 @@ def build_grouped(cfg: dict) -> nn.Module:
     return build(cfg, "grouped")
 
 
+def build_bucketed(cfg: dict) -> nn.Module:
+    return build(cfg, "bucketed")
+
+
 def build_hf(cfg: ModelConfig, impl: str) -> nn.Module:
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
@@ -653,63 +657,86 @@ def gemm_shapes(cfg: ModelConfig, rows: int, width: int) -> list[tuple[str, int,
             ("bwd x grads g@w1^T, g@w3^T", rows, width, D)]
 
 
+def nine_gemms(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+    """The 9 GEMMs of one SwiGLU fwd+bwd in the order a layer runs them (2-D: one expert; 3-D: a bucket)."""
+    t = lambda m: m.transpose(-1, -2)  # noqa: E731
+    a, b = x @ w1, x @ w3
+    y = a @ w2
+    y @ t(w2), t(a) @ y, t(x) @ a, t(x) @ b, a @ t(w1), b @ t(w3)
+
+
 def run_roofline(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
                  dtype: torch.dtype, preset: str = "small") -> dict[str, Any]:
-    """GFLOP/s of each GEMM shape the layer runs, at 1 thread and at --threads: a routed expert's (at the
-    mean rows per expert, one weight per expert, in turn), as bmm over buckets, the shared expert's and the
-    dense layer's; and the bound they put on ours/dense if nothing but these matmuls took time."""
+    """The matmuls alone, at the mean rows per expert: (1) each GEMM kind on its own, one weight per
+    expert in turn (GFLOP/s at 1 thread and --threads); (2) all 9 GEMMs of each expert (or bucket) back to
+    back, as the layer runs them, for the routed experts (mm per expert, bmm per bucket), the shared
+    expert and the dense layer; (2) gives the bound on ours/dense if nothing but these matmuls took time."""
     B, S = (int(v) for v in args.sizes.split(",")[0].split("x"))
-    T, K, E, I = B * S, cfg.n_activated_experts, cfg.n_routed_experts, cfg.moe_inter_dim
+    T, K, E, I, D = B * S, cfg.n_activated_experts, cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
     rows = max(1, round(T * K / E))
     g = torch.Generator().manual_seed(0)
-    kinds = {"routed (mm per expert)": (rows, I, E, False), "routed (bmm, buckets of 4)": (rows, I, E, True),
+    bmm_kind = f"routed (bmm, buckets of {BUCKET_EXPERTS})"
+    kinds = {"routed (mm per expert)": (rows, I, E, False), bmm_kind: (rows, I, E, True),
              "shared expert": (T, cfg.n_shared_experts * I, 1, False),
              "dense": (T, (K + cfg.n_shared_experts) * I, 1, False)}
+    if not cfg.n_shared_experts:
+        kinds.pop("shared expert")
     threads = sorted({1, args.threads})
-    out = []
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()
+        ts = []
+        for _ in range(max(3, args.rounds)):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    out, order = [], []
     for kind, (m_rows, width, n_mats, bucketed) in kinds.items():
-        if kind == "shared expert" and not cfg.n_shared_experts:
-            continue
+        chunks = (lambda t: t.split(BUCKET_EXPERTS)) if bucketed else (lambda t: t.unbind(0))  # noqa: E731
         for name, m, k, n in gemm_shapes(cfg, m_rows, width):
             reps = 2 if name.startswith(("fwd x@w1", "bwd w1", "bwd x")) else 1  # w1 and w3: two of each
-            a = torch.randn(n_mats, m, k, generator=g).to(device, dtype)
-            b = torch.randn(n_mats, k, n, generator=g).to(device, dtype)
+            a, b = rnd(n_mats, m, k), rnd(n_mats, k, n)
             row = dict(config=preset, kind=kind, gemm=name, m=m, k=k, n=n, count=reps * n_mats)
             for th in threads:
                 torch.set_num_threads(th)
-                if bucketed:
-                    fn = lambda a=a, b=b: [torch.bmm(x, w) for x, w in zip(a.split(4), b.split(4))]  # noqa: E731
-                else:
-                    fn = lambda a=a, b=b: [torch.mm(x, w) for x, w in zip(a, b)]  # noqa: E731
-                fn()
-                ts = []
-                for _ in range(max(3, args.rounds)):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    fn()
-                    sync(device)
-                    ts.append(time.perf_counter() - t0)
-                sec = statistics.median(ts) * reps
+                sec = reps * timed(lambda a=a, b=b, c=chunks: [x @ w for x, w in zip(c(a), c(b))])
                 row[f"ms_{th}t"] = 1e3 * sec
                 row[f"gflops_{th}t"] = 2 * m * k * n * n_mats * reps / sec / 1e9
             out.append(row)
+        parts = list(zip(*map(chunks, (rnd(n_mats, m_rows, D), rnd(n_mats, D, width), rnd(n_mats, D, width),
+                                      rnd(n_mats, width, D)))))
+        row = dict(config=preset, kind=kind)
+        for th in threads:
+            torch.set_num_threads(th)
+            row[f"ms_{th}t"] = 1e3 * timed(lambda parts=parts: [nine_gemms(*p) for p in parts])
+        order.append(row)
     torch.set_num_threads(args.threads)
     th = args.threads
-    total = {kind: sum(r[f"ms_{th}t"] for r in out if r["kind"] == kind) for kind in kinds}
-    shared = total.get("shared expert", 0.0)
-    bounds = {kind: total["dense"] / (total[kind] + shared) for kind in kinds if kind.startswith("routed")}
+    ms = {r["kind"]: r[f"ms_{th}t"] for r in order}
+    shared = ms.get("shared expert", 0.0)
+    bounds = {kind: ms["dense"] / (ms[kind] + shared) for kind in ms if kind.startswith("routed")}
     print(f"\n== roofline, {preset} ({describe(preset)}), {B}x{S} tokens = {rows} rows per routed expert on "
           f"average, {meta_line(device, dtype)} ==")
+    print("each GEMM kind on its own, one weight per expert in turn:")
     print(f"{'kind':<28}{'gemm':<30}{'m x k x n':>18}{'count':>7}" + "".join(f"{f'GFLOP/s {t}t':>13}" for t in threads)
           + f"{f'ms ({th}t)':>10}")
     for r in out:
         mkn = f"{r['m']}x{r['k']}x{r['n']}"
         print(f"{r['kind']:<28}{r['gemm']:<30}{mkn:>18}{r['count']:>7}"
               + "".join(f"{r[f'gflops_{t}t']:>13.1f}" for t in threads) + f"{r[f'ms_{th}t']:>10.2f}")
+    print("the 9 GEMMs of each expert (bucket) back to back, as in the layer, ms:")
+    for r in order:
+        print(f"{r['kind']:<28}" + "".join(f"{r[f'ms_{t}t']:>10.2f} ({t}t)" for t in threads))
     for kind, bound in bounds.items():
-        print(f"matmul-only bound on ours/dense with {kind} + shared: {total['dense']:.1f} ms / "
-              f"{total[kind] + shared:.1f} ms = {bound:.2f}")
-    return dict(roofline=out, bounds=[dict(config=preset, kind=k, bound=v) for k, v in bounds.items()])
+        print(f"matmul-only bound on ours/dense with {kind} + shared: {ms['dense']:.1f} ms / "
+              f"{ms[kind] + shared:.1f} ms = {bound:.2f}")
+    return dict(roofline=out, layer_order=order,
+                bounds=[dict(config=preset, kind=k, bound=v) for k, v in bounds.items()])
 
 
 def minor_page_faults() -> int:
@@ -743,15 +770,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-gb", type=float, default=4.0, help="skip hf[batched_mm] when it would need more")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the comparison this many times, then summarize ours' ratios against the targets")
-    ap.add_argument("--crossover", action="store_true", help="time loop vs grouped over --crossover-tokens instead")
+    ap.add_argument("--crossover", action="store_true",
+                    help="instead: time loop, bucketed and grouped over --crossover-tokens")
     ap.add_argument("--crossover-tokens", default="1,4,16,64,256,1024,4096,16384")
     ap.add_argument("--breakdown", action="store_true",
                     help="instead: time the parts of ours[auto] (first of --sizes), then profile it and the "
                          "dense layer (matmuls vs the rest, page faults) and print ours' top ops")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--roofline", action="store_true",
-                    help="instead: GFLOP/s of every GEMM shape of the layer (routed per expert, as bmm, shared, "
-                         "dense) at 1 thread and --threads, and the bound they put on ours/dense")
+                    help="instead: the layer's matmuls alone (routed per expert, as bmm, shared, dense): GFLOP/s "
+                         "of each GEMM shape at 1 thread and --threads, the 9 GEMMs per expert in layer order, and "
+                         "the bound they put on ours/dense")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
     args = ap.parse_args(argv)
     if args.repeat < 1:

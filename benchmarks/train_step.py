@@ -13,7 +13,7 @@ random bytes (throughput does not depend on the text). Entries are timed interle
   python benchmarks/train_step.py --device cuda --set dim=512 --batch-size 32
   python benchmarks/train_step.py --fp8 blockwise --impls auto --threads 1   # simulated FP8 vs fp32
   python benchmarks/train_step.py --segment 4           # fine-grained toy: 4x the experts, 1/4 as wide
-  python benchmarks/train_step.py --profile             # where one MoE step's time goes, by module
+  python benchmarks/train_step.py --profile             # the ops where the MoE step spends more than dense
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Dispatch is sort-based and dropless by default:
   1. flatten the T*K (token, expert) pairs and sort them by expert (stable, so token order
      is kept inside each expert's slice);
   2. gather the tokens into that order: each expert's tokens are one contiguous slice;
-  3. run every expert on its slice: `experts_loop` (readable reference) or `experts_grouped`
-     (one torch.nn.functional.grouped_mm per weight, no Python loop);
+  3. run every expert on its slice: `experts_loop` (the readable reference) or one of the fast
+     paths below (`experts_grouped`, `experts_bucketed`, `experts_loop_add`);
   4. scale each output by its routing weight and add it onto its token.
 Steps 2 and 4 are the only data movement routing adds over a dense MLP: one gather of the
 N rows in and one sum of the N rows back onto their T tokens; each is the other's backward.
@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from moe.config import ModelConfig
 from moe.init import init_weights
@@ -140,6 +141,7 @@ class _LoopAdd(torch.autograd.Function):
         return _sum_bags(y_ND, bag_N, offsets_T)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_TD):
         token_N, scale_N, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI = ctx.saved_tensors
         need_x, _, need_s, *_, need_w1, need_w3, need_w2 = ctx.needs_input_grad
@@ -178,6 +180,9 @@ class _LoopAdd(torch.autograd.Function):
 # experts per torch.bmm call in experts_bucketed: enough for 2 threads to take 2 each, few enough that the
 # padding up to the bucket's largest expert stays small (measured: docs/performance.md, "Fine-grained experts")
 BUCKET_EXPERTS = 4
+# beyond this many slots per assignment (skewed routing: one busy expert per bucket) the padding costs
+# more than bmm saves, and experts_bucketed hands the batch to experts_loop_add
+BUCKET_MAX_PADDING = 1.5
 
 
 @torch.compiler.disable  # as experts_loop
@@ -188,9 +193,11 @@ def experts_bucketed(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.T
     A GEMM of a few dozen to a few hundred rows runs about as fast on one thread as on two; a
     batched matmul instead gives each thread whole experts. So the experts go in buckets of
     BUCKET_EXPERTS consecutive ids, each expert padded to the bucket's largest row count: slots
-    [bucket, expert, row]. Padding slots read token 0 and get routing weight 0, so they add
-    nothing to any output or gradient, and the combine (a gather-and-sum per token) never reads
-    them. The elementwise work (silu, products) runs once over all slots, not per expert.
+    [bucket, expert, row]. Padding slots are zero rows with routing weight 0 (and a zero output
+    gradient), so they add nothing to any output or gradient, even when a token is NaN or inf,
+    and the combine (a gather-and-sum per token) never reads them. The elementwise work (silu,
+    products) runs once over all slots, not per expert. When routing is so skewed that the
+    padding would exceed BUCKET_MAX_PADDING slots per assignment, it runs experts_loop_add.
     Equals experts_loop_add in value and in every gradient (tests/test_perf_paths.py).
     """
     counts = counts_E.tolist()
@@ -203,15 +210,18 @@ def experts_bucketed(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.T
             base_E[e0:e1] = range(P, P + (e1 - e0) * rows, rows)
             buckets.append((e0, e1, rows, P))
             P += (e1 - e0) * rows
+    if P > BUCKET_MAX_PADDING * N:
+        return experts_loop_add(x_TD, token_N, scale_N, counts_E, w1_EDI, w3_EDI, w2_EID)
     # the slot of each sorted assignment: its expert's first slot + its rank inside the expert
     expert_N = torch.repeat_interleave(torch.arange(E, device=dev), counts_E, output_size=N)
     starts_E = counts_E.cumsum(0) - counts_E
     slot_N = torch.tensor(base_E, device=dev)[expert_N] + torch.arange(N, device=dev) - starts_E[expert_N]
     token_P = token_N.new_zeros(P).index_copy_(0, slot_N, token_N)
+    pad_Q = token_N.new_ones(P, dtype=torch.bool).index_fill_(0, slot_N, False).nonzero().squeeze(1)
     bag_N = slot_N.index_select(0, token_N.argsort(stable=True))  # each token's slots, token by token
     per_token_T = token_N.new_zeros(x_TD.shape[0]).scatter_add_(0, token_N, torch.ones_like(token_N))
     offsets_T = per_token_T.cumsum(0) - per_token_T
-    return _Bucketed.apply(x_TD, token_P, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID)
+    return _Bucketed.apply(x_TD, token_P, pad_Q, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID)
 
 
 def _per_bucket(buckets: list, t_PC: torch.Tensor) -> list[torch.Tensor]:
@@ -225,10 +235,10 @@ class _Bucketed(torch.autograd.Function):
     on CPU each fresh large tensor costs page faults (glibc hands big blocks back to the OS)."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_P, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID):
+    def forward(ctx, x_TD, token_P, pad_Q, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID):
         P, I = token_P.numel(), w1_EDI.shape[-1]
         s_P1 = scale_N.new_zeros(P).index_copy_(0, slot_N, scale_N).unsqueeze(-1)
-        x_PD = x_TD.index_select(0, token_P)
+        x_PD = x_TD.index_select(0, token_P).index_fill_(0, pad_Q, 0.0)  # padding: zero rows
         a_PI, b_PI = x_TD.new_empty(P, I), x_TD.new_empty(P, I)
         for (e0, e1, *_), x, a, b in zip(buckets, *(_per_bucket(buckets, t) for t in (x_PD, a_PI, b_PI))):
             torch.bmm(x, w1_EDI[e0:e1], out=a)
@@ -238,15 +248,18 @@ class _Bucketed(torch.autograd.Function):
         for (e0, e1, *_), hs, y in zip(buckets, _per_bucket(buckets, hs_PI), _per_bucket(buckets, y_PD)):
             torch.bmm(hs, w2_EID[e0:e1], out=y)
         ctx.buckets = buckets
-        ctx.save_for_backward(token_P, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_PD, a_PI, b_PI)
+        ctx.save_for_backward(token_P, pad_Q, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_PD, a_PI,
+                              b_PI)
         return _sum_bags(y_PD, bag_N, offsets_T)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_TD):
-        token_P, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_PD, a_PI, b_PI = ctx.saved_tensors
+        token_P, pad_Q, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_PD, a_PI, b_PI = ctx.saved_tensors
+        need_x, *_, need_s, _, _, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
         buckets = ctx.buckets
         views = lambda *ts: zip(buckets, *(_per_bucket(buckets, t) for t in ts))  # noqa: E731
-        g_PD = g_TD.contiguous().index_select(0, token_P)
+        g_PD = g_TD.contiguous().index_select(0, token_P).index_fill_(0, pad_Q, 0.0)
         gh_PI = torch.empty_like(a_PI)
         gw1_EDI, gw3_EDI, gw2_EID = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
         covered = torch.zeros(w1_EDI.shape[0], dtype=torch.bool)
@@ -260,19 +273,22 @@ class _Bucketed(torch.autograd.Function):
         h_PI = sa_PI * b_PI
         gs_N = torch.linalg.vecdot(gh_PI, h_PI).index_select(0, slot_N)
         hs_PI = h_PI.mul_(s_P1)
-        for (e0, e1, *_), hs, g in views(hs_PI, g_PD):
+        for (e0, e1, *_), hs, g in views(hs_PI, g_PD) if need_w2 else ():
             torch.bmm(hs.transpose(1, 2), g, out=gw2_EID[e0:e1])
         gh_PI.mul_(s_P1)  # d/dh: zero on padding, so padding adds nothing below
         gb_PI = torch.mul(gh_PI, sa_PI, out=h_PI)  # h is used up: its buffer takes d/db
         ga_PI = torch.ops.aten.silu_backward.grad_input(gh_PI.mul_(b_PI), a_PI, grad_input=sa_PI)  # and silu's d/da
-        gx_PD = g_PD  # g is used up too: each bucket's rows are read before they are overwritten
+        gx_PD = g_PD  # g is no longer needed: its buffer takes d/dx
         for (e0, e1, *_), x, ga, gb, gx in views(x_PD, ga_PI, gb_PI, gx_PD):
-            torch.bmm(x.transpose(1, 2), ga, out=gw1_EDI[e0:e1])
-            torch.bmm(x.transpose(1, 2), gb, out=gw3_EDI[e0:e1])
-            torch.bmm(ga, w1_EDI[e0:e1].transpose(1, 2), out=gx).baddbmm_(gb, w3_EDI[e0:e1].transpose(1, 2))
-        need = ctx.needs_input_grad
-        return (_sum_bags(gx_PD, bag_N, offsets_T) if need[0] else None, None, None, gs_N if need[3] else None,
-                None, None, None, *(gw if n else None for gw, n in zip((gw1_EDI, gw3_EDI, gw2_EID), need[7:])))
+            if need_w1:
+                torch.bmm(x.transpose(1, 2), ga, out=gw1_EDI[e0:e1])
+            if need_w3:
+                torch.bmm(x.transpose(1, 2), gb, out=gw3_EDI[e0:e1])
+            if need_x:
+                torch.bmm(ga, w1_EDI[e0:e1].transpose(1, 2), out=gx).baddbmm_(gb, w3_EDI[e0:e1].transpose(1, 2))
+        return (_sum_bags(gx_PD, bag_N, offsets_T) if need_x else None, None, None, None, gs_N if need_s else None,
+                None, None, None, *(gw if n else None for gw, n in zip((gw1_EDI, gw3_EDI, gw2_EID),
+                                                                        (need_w1, need_w3, need_w2))))
 
 
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
@@ -314,7 +330,7 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 # CPU crossovers of 'auto', in mean rows (assignments) per expert (benchmarks/moe_layer.py --crossover):
 # grouped_mm below the first, bucketed bmm up to the second, the per-expert loop above
 CPU_BUCKETED_MIN_ROWS_PER_EXPERT = 4
-CPU_LOOP_MIN_ROWS_PER_EXPERT = 768
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 576
 
 
 class Experts(nn.Module):
@@ -376,7 +392,13 @@ class Experts(nn.Module):
             fn = experts_loop_add if impl == "loop" else experts_bucketed
             return fn(x_TD, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2), d.counts_E, d.dropped
         x_ND = x_TD.index_select(0, token_N)  # each expert's tokens, contiguous
-        y_ND = experts_grouped(x_ND, d.counts_E, self.w1, self.w3, self.w2, scale_N)
+        ws = (self.w1, self.w3, self.w2)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            # grouped_mm is not on autocast's list: cast as it casts a matmul (bf16 on CUDA training), or the
+            # experts would run fp32 while every dense matmul runs bf16
+            dt = torch.get_autocast_dtype(x_TD.device.type)
+            x_ND, scale_N, ws = x_ND.to(dt), scale_N.to(dt), tuple(w.to(dt) for w in ws)
+        y_ND = experts_grouped(x_ND, d.counts_E, *ws, scale_N)
         # scatter-add each weighted output onto its token; dropped assignments add nothing
-        y_TD = x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND)
+        y_TD = x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND.to(x_TD.dtype))
         return y_TD, d.counts_E, d.dropped
