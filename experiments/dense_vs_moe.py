@@ -48,6 +48,7 @@ from moe import plots  # noqa: E402
 from moe.checkpoint import read_metrics  # noqa: E402
 from moe.config import ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
 from moe.data import get_batch, load_corpus  # noqa: E402
+from moe.device import cpu_name  # noqa: E402
 from moe.train import TrainConfig, train  # noqa: E402
 
 LN2 = math.log(2.0)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     corpus = load_corpus(args.data, args.seq_len)
     tokens = args.steps * args.batch_size * args.seq_len
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": _cpu_name(),
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": cpu_name(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
             "device": args.device, "argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick,
             "preset": args.preset, "overrides": args.set, "seeds": seeds, "steps": args.steps,
@@ -295,13 +296,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("wrote", ", ".join(files + [os.path.join(args.out, f) for f in ("results.json", "table.md")]))
     return res
 
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe import accounting as acc  # noqa: E402
 from moe import fp8, plots  # noqa: E402
 from moe.config import PRESETS  # noqa: E402
+from moe.device import cpu_name  # noqa: E402
 
 DEEPSEEK_ACCUM_ERR_K4096 = 0.02  # report, section 3.3.2: "a maximum relative error of nearly 2%"
 DEEPSEEK_GAP_VS_BF16 = 0.0025  # report, section 3.3 / appendix B.1: "below 0.25%"
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
 
-    res: dict = {"host": {"cpu": _cpu_name(), "load_avg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d")},
+    res: dict = {"host": {"cpu": cpu_name(), "load_avg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d")},
                  "quick": q}
     magnitudes = [1.0, 10.0, 1e2, 1e3, 1e4, 1e5]
     res["granularity"] = granularity_errors(128 if q else 1024, 512 if q else 1024, magnitudes)
@@ -339,13 +340,6 @@ def _json_safe(v):
         return [_json_safe(x) for x in v]
     return v
 
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from moe import plots  # noqa: E402
 from moe.checkpoint import read_metrics  # noqa: E402
 from moe.config import ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
 from moe.data import Corpus, eval_starts, load_corpus, windows  # noqa: E402
+from moe.device import cpu_name  # noqa: E402
 from moe.generate import generate, speculative_generate  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from moe.train import TrainConfig, train  # noqa: E402
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace, base: ModelConfig, depths: list[int], seeds: l
     corpus = load_corpus(args.data, args.seq_len)
     prompts = held_out_prompts(corpus, args.prompts, args.prompt_len, args.new)
     tokens = args.steps * args.batch_size * args.seq_len
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": _cpu_name(),
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": cpu_name(),
             "torch": torch.__version__, "threads": args.threads, "argv": args.argv,
             "quick": args.quick, "preset": args.preset, "overrides": args.set, "seeds": seeds, "depths": depths,
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
@@ -365,13 +365,6 @@ def run(args: argparse.Namespace, base: ModelConfig, depths: list[int], seeds: l
     print("wrote", ", ".join(files + [os.path.join(args.out, f) for f in ("results.json", "table.md")]))
     return res
 
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Where the model runs and in what precision: device names, bf16 autocast, free memory."""
+"""Where the model runs and in what precision: device names, bf16 autocast, free memory, the CPU's name."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 
 import torch
 
@@ -45,3 +46,12 @@ def available_bytes(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (from /proc/cpuinfo; else what platform knows), for benchmark records."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
