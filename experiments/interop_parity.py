@@ -43,13 +43,8 @@ VARIANTS = {
 
 
 @torch.no_grad()
-def random_hf_model(arch: str, settings: dict, seed: int):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
-
-    if arch == "deepseek_v3":
-        model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**DEEPSEEK, **settings}))
-    else:
-        model = MixtralForCausalLM(MixtralConfig(**settings))
+def randomised(model, seed: int = 0):
+    """Every weight random, the norms around 1, the correction bias non-zero (tests/test_interop.py uses it too)."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         noise = torch.randn(p.shape, generator=g)
@@ -58,6 +53,16 @@ def random_hf_model(arch: str, settings: dict, seed: int):
         if name.endswith("e_score_correction_bias"):
             b.copy_(0.2 * torch.randn(b.shape, generator=g))
     return model.eval()
+
+
+def random_hf_model(arch: str, settings: dict, seed: int):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    if arch == "deepseek_v3":
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**DEEPSEEK, **settings}))
+    else:
+        model = MixtralForCausalLM(MixtralConfig(**settings))
+    return randomised(model, seed)
 
 
 @torch.no_grad()

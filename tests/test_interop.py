@@ -6,9 +6,11 @@ bias that is dropped shows), fp32 on CPU. Nothing is downloaded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import pathlib
 import warnings
 
 import pytest
@@ -69,17 +71,16 @@ def mixtral_config(**kw) -> MixtralConfig:
     return MixtralConfig(**base)
 
 
-@torch.no_grad()
-def randomised(model, seed=0):
-    """Every weight random, the norms around 1, the correction bias non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        noise = torch.randn(p.shape, generator=g)
-        p.copy_(1 + 0.3 * noise if p.dim() == 1 else 0.2 * noise)
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.copy_(0.2 * torch.randn(b.shape, generator=g))
-    return model.eval()
+def load_experiment():
+    """experiments/interop_parity.py as a module: the parity experiment and these tests randomise alike."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "interop_parity.py"
+    spec = importlib.util.spec_from_file_location("interop_parity", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    return experiment
+
+
+randomised = load_experiment().randomised
 
 
 DEEPSEEK_VARIANTS = {
@@ -630,13 +631,7 @@ def test_generate_caches_only_the_positions_it_needs(monkeypatch):
 
 
 def test_interop_parity_experiment_quick(tmp_path):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "interop_parity.py"
-    spec = importlib.util.spec_from_file_location("interop_parity", path)
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+    experiment = load_experiment()
     n = torch.get_num_threads()
     try:
         assert experiment.main(["--out", str(tmp_path), "--quick"]) == 0
