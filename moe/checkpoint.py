@@ -53,6 +53,42 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: str):
+    """Around writing a checkpoint into tmp: on any failure tmp is removed, and an OSError is raised as
+    "cannot write checkpoint" naming the path being written (at[0], which the body keeps current)."""
+    at = [tmp]
+    try:
+        yield at
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"cannot write checkpoint ({e.strerror or e})", e.filename or at[0]) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _commit(out: str, tmp: str, name: str, blobs: dict[str, bytes], files: dict[str, dict[str, Any]],
+            manifest: dict[str, Any], at: list[str]) -> None:
+    """Write blobs into tmp (each file's size and hash added to files), then manifest.json (manifest plus
+    files); fsync; rename tmp to OUT/name, replacing a leftover of a crash between rename and LATEST
+    (never referenced); point LATEST at it. at[0] follows the path being written."""
+    for fname, data in blobs.items():
+        at[0] = os.path.join(tmp, fname)
+        _write_durable(at[0], data)
+        files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    at[0] = os.path.join(tmp, "manifest.json")
+    _write_durable(at[0], (json.dumps({**manifest, "files": files}, indent=2) + "\n").encode())
+    fsync_dir(tmp)
+    final = at[0] = os.path.join(out, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(out)
+    at[0] = os.path.join(out, "LATEST")
+    atomic_write_text(at[0], name + "\n")  # fsyncs the file and the folder
+
+
 def _write_durable(path: str, data: bytes) -> None:
     """Write bytes and fsync them (ordinary permissions); OSError names the path and the cause."""
     with open(path, "wb") as f:
@@ -192,12 +228,9 @@ def save_checkpoint(out: str, model: nn.Module, optimizer: torch.optim.Optimizer
     final = os.path.join(out, name)
     if latest_checkpoint(out) == final and os.path.isdir(final):
         return final  # this step is already saved (the state cannot have changed since)
-    if os.path.exists(final):
-        shutil.rmtree(final)  # a leftover of a crash between rename and LATEST: never referenced
     tmp = tempfile.mkdtemp(dir=out, prefix=TMP_PREFIX)
     os.chmod(tmp, with_umask(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    path = tmp
-    try:
+    with _removed_on_failure(tmp) as at:
         tensors, aliases = _unique_tensors(model.state_dict() if model_state is None else model_state)
         if optimizer_state is None:
             optimizer_state = optimizer.state_dict()
@@ -212,26 +245,7 @@ def save_checkpoint(out: str, model: nn.Module, optimizer: torch.optim.Optimizer
                  "config.json": (model.cfg.to_json() + "\n").encode(),
                  "train.json": (json.dumps(train_config, indent=2) + "\n").encode(),
                  "state.pt": buffer.getvalue()}
-        files = {}
-        for fname, data in blobs.items():
-            path = os.path.join(tmp, fname)
-            _write_durable(path, data)
-            files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        path = os.path.join(tmp, "manifest.json")
-        manifest = {"format": CHECKPOINT_FORMAT, "step": step, "files": files}
-        _write_durable(path, (json.dumps(manifest, indent=2) + "\n").encode())
-        fsync_dir(tmp)
-        path = final
-        os.replace(tmp, final)
-        fsync_dir(out)
-        path = os.path.join(out, "LATEST")
-        atomic_write_text(path, name + "\n")  # fsyncs the file and the folder
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"cannot write checkpoint ({e.strerror or e})", e.filename or path) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _commit(out, tmp, name, blobs, {}, {"format": CHECKPOINT_FORMAT, "step": step}, at)
     for entry in os.listdir(out):
         if entry.startswith("ckpt-") and entry != name:
             shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
@@ -471,8 +485,8 @@ def save_weights_checkpoint(out: str, config: ModelConfig, specs: dict[str, tupl
     final = os.path.join(out, name)
     tmp = tempfile.mkdtemp(dir=out, prefix=TMP_PREFIX)
     os.chmod(tmp, with_umask(0o777))
-    path = os.path.join(tmp, "model.safetensors")
-    try:
+    with _removed_on_failure(tmp) as at:
+        path = at[0] = os.path.join(tmp, "model.safetensors")
         writer = StreamingSafetensors(path, specs, {"format": f"moe-{CHECKPOINT_FORMAT}",
                                                     "aliases": json.dumps(aliases)})
         try:
@@ -486,25 +500,5 @@ def save_weights_checkpoint(out: str, config: ModelConfig, specs: dict[str, tupl
         blobs = {"config.json": (config.to_json() + "\n").encode(),
                  "train.json": (json.dumps({"weights_only": True, **info}, indent=2) + "\n").encode(),
                  "state.pt": buffer.getvalue()}
-        for fname, data in blobs.items():
-            path = os.path.join(tmp, fname)
-            _write_durable(path, data)
-            files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        path = os.path.join(tmp, "manifest.json")
-        manifest = {"format": CHECKPOINT_FORMAT, "step": 0, "weights_only": True, "files": files}
-        _write_durable(path, (json.dumps(manifest, indent=2) + "\n").encode())
-        fsync_dir(tmp)
-        path = final
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(out)
-        path = os.path.join(out, "LATEST")
-        atomic_write_text(path, name + "\n")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"cannot write checkpoint ({e.strerror or e})", e.filename or path) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _commit(out, tmp, name, blobs, files, {"format": CHECKPOINT_FORMAT, "step": 0, "weights_only": True}, at)
     return final
