@@ -57,6 +57,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe.config import ModelConfig  # noqa: E402
+from moe.device import cpu_name  # noqa: E402
 from moe.experts import BUCKET_EXPERTS, sort_by_expert  # noqa: E402
 from moe.init import init_weights  # noqa: E402
 from moe.layer import MoE  # noqa: E402
@@ -278,13 +279,6 @@ def time_interleaved(entries: dict[str, nn.Module], x: torch.Tensor, gout: torch
     return times
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -495,6 +489,17 @@ def run_crossover(args: argparse.Namespace, cfg: ModelConfig, device: torch.devi
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
 
 
+def nine_gemms(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+    """The 9 GEMMs of one SwiGLU fwd+bwd in the order the layer runs them (2-D: one expert with mm; 3-D: a
+    bucket with bmm), the x gradient's two accumulated into one output as _LoopAdd and _Bucketed do."""
+    t = lambda m: m.transpose(-1, -2)  # noqa: E731
+    a, b = x @ w1, x @ w3
+    y = a @ w2
+    y @ t(w2), t(a) @ y, t(x) @ a, t(x) @ b
+    gx = a @ t(w1)
+    (gx.addmm_ if gx.dim() == 2 else gx.baddbmm_)(b, t(w3))
+
+
 def expert_matmuls(impl: str, counts_E: torch.Tensor, ex: nn.Module,
                    g: torch.Generator) -> tuple[Callable[[], None], int]:
     """The 9 GEMMs per expert of one fwd+bwd (3 forward, 6 backward) as `impl` runs them, on random
@@ -505,26 +510,14 @@ def expert_matmuls(impl: str, counts_E: torch.Tensor, ex: nn.Module,
         counts = counts_E.tolist()
         groups = [(e0, min(len(counts), e0 + BUCKET_EXPERTS)) for e0 in range(0, len(counts), BUCKET_EXPERTS)]
         shapes = [(e0, e1, max(counts[e0:e1])) for e0, e1 in groups if max(counts[e0:e1])]
-        xs = [torch.randn(e1 - e0, n, D, generator=g).to(dev, dt) for e0, e1, n in shapes]
-
-        def bmm() -> None:
-            for (e0, e1, _), x in zip(shapes, xs):
-                a, b = torch.bmm(x, w1[e0:e1]), torch.bmm(x, w3[e0:e1])
-                y = torch.bmm(a, w2[e0:e1])
-                torch.bmm(y, w2[e0:e1].transpose(1, 2)), torch.bmm(a.transpose(1, 2), y)
-                torch.bmm(x.transpose(1, 2), a), torch.bmm(x.transpose(1, 2), b)
-                torch.bmm(a, w1[e0:e1].transpose(1, 2)).baddbmm_(b, w3[e0:e1].transpose(1, 2))
-        return bmm, sum((e1 - e0) * n for e0, e1, n in shapes)
-    xs = [torch.randn(int(n), D, generator=g).to(dev, dt) for n in counts_E]
-
-    def mm() -> None:
-        for e, x in enumerate(xs):
-            if x.shape[0]:
-                a, b = x @ w1[e], x @ w3[e]
-                y = a @ w2[e]
-                y @ w2[e].t(), a.t() @ y, x.t() @ a, x.t() @ b
-                torch.mm(a, w1[e].t()).addmm_(b, w3[e].t())
-    return mm, int(counts_E.sum())
+        parts = [(torch.randn(e1 - e0, n, D, generator=g).to(dev, dt), w1[e0:e1], w3[e0:e1], w2[e0:e1])
+                 for e0, e1, n in shapes]
+        rows = sum((e1 - e0) * n for e0, e1, n in shapes)
+    else:
+        parts = [(torch.randn(int(n), D, generator=g).to(dev, dt), w1[e], w3[e], w2[e])
+                 for e, n in enumerate(counts_E) if n]
+        rows = int(counts_E.sum())
+    return (lambda: [nine_gemms(*p) for p in parts]), rows
 
 
 def run_breakdown(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
@@ -655,14 +648,6 @@ def gemm_shapes(cfg: ModelConfig, rows: int, width: int) -> list[tuple[str, int,
     return [("fwd x@w1, x@w3", rows, D, width), ("fwd h@w2", rows, width, D), ("bwd g@w2^T", rows, D, width),
             ("bwd w2 grad h^T@g", width, rows, D), ("bwd w1, w3 grads x^T@g", D, rows, width),
             ("bwd x grads g@w1^T, g@w3^T", rows, width, D)]
-
-
-def nine_gemms(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
-    """The 9 GEMMs of one SwiGLU fwd+bwd in the order a layer runs them (2-D: one expert; 3-D: a bucket)."""
-    t = lambda m: m.transpose(-1, -2)  # noqa: E731
-    a, b = x @ w1, x @ w3
-    y = a @ w2
-    y @ t(w2), t(a) @ y, t(x) @ a, t(x) @ b, a @ t(w1), b @ t(w3)
 
 
 def run_roofline(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,

@@ -98,10 +98,14 @@ def experts_loop_add(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.T
     backward is written out so each expert's weight gradients land in place.
     """
     # the rows of each token's bag: positions in the sorted order, grouped by token
-    bag_N = token_N.argsort(stable=True)
-    per_token_T = token_N.new_zeros(x_TD.shape[0]).scatter_add_(0, token_N, torch.ones_like(token_N))
-    offsets_T = per_token_T.cumsum(0) - per_token_T
+    bag_N, offsets_T = _bags(token_N, x_TD.shape[0])
     return _LoopAdd.apply(x_TD, token_N, scale_N, counts_E, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID)
+
+
+def _bags(token_N: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combine's bags: the sorted positions grouped by token, and where each token's bag starts."""
+    per_token_T = token_N.new_zeros(T).scatter_add_(0, token_N, torch.ones_like(token_N))
+    return token_N.argsort(stable=True), per_token_T.cumsum(0) - per_token_T
 
 
 def _sum_bags(rows_ND: torch.Tensor, bag_N: torch.Tensor, offsets_T: torch.Tensor) -> torch.Tensor:
@@ -218,9 +222,8 @@ def experts_bucketed(x_TD: torch.Tensor, token_N: torch.Tensor, scale_N: torch.T
     slot_N = torch.tensor(base_E, device=dev)[expert_N] + torch.arange(N, device=dev) - starts_E[expert_N]
     token_P = token_N.new_zeros(P).index_copy_(0, slot_N, token_N)
     pad_Q = token_N.new_ones(P, dtype=torch.bool).index_fill_(0, slot_N, False).nonzero().squeeze(1)
-    bag_N = slot_N.index_select(0, token_N.argsort(stable=True))  # each token's slots, token by token
-    per_token_T = token_N.new_zeros(x_TD.shape[0]).scatter_add_(0, token_N, torch.ones_like(token_N))
-    offsets_T = per_token_T.cumsum(0) - per_token_T
+    order_N, offsets_T = _bags(token_N, x_TD.shape[0])
+    bag_N = slot_N.index_select(0, order_N)  # each token's slots, token by token
     return _Bucketed.apply(x_TD, token_P, pad_Q, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID)
 
 
