@@ -44,7 +44,7 @@ class Workspace:
     and allocates fresh ones, so the pool only ever changes speed, never results."""
 
     def __init__(self, keep: int = 6):
-        self.keep = keep  # buffers kept between calls (the bucketed backward needs 5)
+        self.keep = keep  # buffers kept between calls (each expert path's backward uses 6)
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 

@@ -564,3 +564,31 @@ def test_train_step_profile_lists_the_ops_where_moe_exceeds_dense(capsys):
     assert excess == sorted(excess, reverse=True)
     assert any(r["op"] == "_LoopAdd" and r["dense_ms"] == 0 for r in out["profile"])  # only the MoE step routes
     assert set(out["total_ms"]) == {"moe[loop]", "dense"}
+
+
+def test_ab_benchmark_swaps_in_a_revisions_fast_paths_and_back(capsys):
+    spec = importlib.util.spec_from_file_location("bench_ab_experts", os.path.join(ROOT, "benchmarks", "ab_experts.py"))
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    import moe.experts as ex
+
+    ours = ex.experts_bucketed
+    old = ab.experts_at("HEAD")
+    assert old.experts_bucketed is not ours and old.__name__ == "experts_at_HEAD"
+    ab.use(old)
+    try:
+        assert ex.experts_bucketed is old.experts_bucketed and ex.experts_loop_add is old.experts_loop_add
+    finally:
+        ab.use(ab.NOW)
+    assert ex.experts_bucketed is ours
+    out = ab.main(["--against", "HEAD", "--preset-size", "small", "--sizes", "1x16", "--rounds", "1", "--steps", "1"])
+    assert ex.experts_bucketed is ours  # switched back after the run
+    (r,) = out["results"]
+    assert [row["entry"] for row in r["rows"]] == ["now", "HEAD", "dense[fused]", "dense[split]"]
+    head = next(row for row in r["rows"] if row["entry"] == "HEAD")
+    assert head["vs_against"] == 1.0 and all(row["median_ms"] > 0 for row in r["rows"])
+    assert "JSON " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        ab.main(["--against", "no-such-revision-xyz"])
+    assert e.value.code == 2
+    assert "cannot read moe/experts.py at 'no-such-revision-xyz'" in capsys.readouterr().err
