@@ -58,6 +58,8 @@ def experts_at(rev: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"experts_at_{rev}", f.name)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+    except ImportError as e:  # it needs a module this checkout no longer has
+        raise ValueError(f"--against: moe/experts.py at {rev!r} does not import here: {e}") from None
     finally:
         os.unlink(f.name)
     return module

