@@ -58,8 +58,8 @@ def experts_at(rev: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"experts_at_{rev}", f.name)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    except ImportError as e:  # it needs a module this checkout no longer has
-        raise ValueError(f"--against: moe/experts.py at {rev!r} does not import here: {e}") from None
+    except Exception as e:  # e.g. it needs a module this checkout no longer has
+        raise ValueError(f"--against: moe/experts.py at {rev!r} does not import here: {e!r}") from None
     finally:
         os.unlink(f.name)
     return module
@@ -90,24 +90,27 @@ def run_preset(preset: str, size: str, old: ModuleType, args: argparse.Namespace
     entries = {"now": (layer, NOW), args.against: (layer, old), **{k: (m, None) for k, m in dense.items()}}
     times: dict[str, list[float]] = {k: [] for k in entries}
     flts: dict[str, list[int]] = {k: [] for k in entries}
-    for _ in range(args.rounds):
-        for name, (mod, version) in entries.items():
-            if version is not None:
-                use(version)
-            fwd_bwd(mod, x, gout)  # one untimed step after each switch
-            for _ in range(args.steps):
-                f0, t0 = faults(), time.perf_counter()
-                fwd_bwd(mod, x, gout)
-                times[name].append(time.perf_counter() - t0)
-                flts[name].append(faults() - f0)
-    use(NOW)
+    try:
+        for _ in range(args.rounds):
+            for name, (mod, version) in entries.items():
+                if version is not None:
+                    use(version)
+                fwd_bwd(mod, x, gout)  # one untimed step after each switch
+                for _ in range(args.steps):
+                    f0, t0 = faults(), time.perf_counter()
+                    fwd_bwd(mod, x, gout)
+                    times[name].append(time.perf_counter() - t0)
+                    flts[name].append(faults() - f0)
+    finally:
+        use(NOW)  # never leave the revision's functions installed
     med = {k: statistics.median(v) for k, v in times.items()}
     best_dense = min((k for k in dense), key=med.get)
     impl = layer.experts.impl_for(x.reshape(-1, cfg.dim), B * S * cfg.n_activated_experts)
     rows = [dict(entry=k, median_ms=1e3 * med[k], min_ms=1e3 * min(times[k]),
                  faults_per_step=statistics.median(flts[k]), vs_dense=med[best_dense] / med[k],
                  vs_against=med[args.against] / med[k]) for k in entries]
-    return dict(preset=preset, size=size, auto=impl, dense=best_dense, rows=rows)
+    missing = [n for n in SWAPPED if not hasattr(old, n)]  # this checkout's ran in their place
+    return dict(preset=preset, size=size, auto=impl, dense=best_dense, rows=rows, not_in_revision=missing)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -123,8 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     presets = [p for p in args.preset_size.split(",") if p]
     if not presets or any(p not in PRESET_SIZES or p == "large" for p in presets):
         ap.error(f"--preset-size: {args.preset_size!r}; choose from small, fine64, fine256 (comma list)")
-    if args.rounds < 1 or args.steps < 1:
-        ap.error(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
+    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
+        ap.error(f"--rounds, --steps and --threads must be >= 1, got {args.rounds}, {args.steps}, {args.threads}")
+    if args.against == "now":
+        ap.error("--against: 'now' names this checkout's entry; give a commit, tag or HEAD~N")
+    if args.sizes is not None and not all(p.isdigit() and int(p) > 0 for p in args.sizes.split("x")) \
+            or args.sizes is not None and args.sizes.count("x") != 1:
+        ap.error(f"--sizes: {args.sizes!r}; give one BATCHxSEQ such as 8x256")
     try:
         old = experts_at(args.against)
     except ValueError as e:
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n = args.rounds * args.steps
         print(f"\n== {preset}, {size} tokens, auto = {r['auto']}, median of {n} interleaved steps ==")
         print(f"{'entry':<16}{'ms':>9}{'min ms':>9}{'faults/step':>13}{'vs dense':>10}{'vs ' + args.against:>16}")
+        if r["not_in_revision"]:
+            print(f"note: {args.against} has no {', '.join(r['not_in_revision'])}: this checkout's ran in its place")
         for row in r["rows"]:
             print(f"{row['entry']:<16}{row['median_ms']:>9.1f}{row['min_ms']:>9.1f}{row['faults_per_step']:>13.0f}"
                   f"{row['vs_dense']:>10.2f}{row['vs_against']:>16.2f}")

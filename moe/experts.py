@@ -283,9 +283,10 @@ class _Bucketed(torch.autograd.Function):
         gh_PI.mul_(s_P1)  # d/dh: zero on padding, so padding adds nothing below
         gb_PI = torch.mul(gh_PI, sa_PI, out=h_PI)  # h is used up: its buffer takes d/db
         ga_PI = torch.ops.aten.silu_backward.grad_input(gh_PI.mul_(b_PI), a_PI, grad_input=sa_PI)  # silu's d/da
-        x_PD = _gather(x_TD, token_P, pad_Q)
+        x_PD = _gather(x_TD, token_P, pad_Q) if need_w1 or need_w3 else None  # for the weight gradients only
+        xs = _per_bucket(buckets, x_PD) if x_PD is not None else [None] * len(buckets)
         gx_PD = g_PD  # g is no longer needed: its buffer takes d/dx
-        for (e0, e1, *_), x, ga, gb, gx in views(x_PD, ga_PI, gb_PI, gx_PD):
+        for ((e0, e1, *_), ga, gb, gx), x in zip(views(ga_PI, gb_PI, gx_PD), xs):
             if need_w1:
                 torch.bmm(x.transpose(1, 2), ga, out=gw1_EDI[e0:e1])
             if need_w3:

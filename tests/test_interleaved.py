@@ -49,3 +49,27 @@ def test_an_output_is_not_changed_by_the_next_call(fast):
     kept = y1.clone()
     fast(x2, d.order_N // K, s, d.counts_E, *weights)
     torch.testing.assert_close(y1, kept, rtol=0, atol=0)
+
+
+@FAST
+def test_checkpointed_micro_batches_give_the_references_gradients(fast):
+    """Activation checkpointing re-runs each forward inside backward, after the other batch's forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    T, E, K, D, I = 40, 8, 2, 16, 8
+    g = torch.Generator().manual_seed(2)
+    weights = expert_weights(E, D, I, g)
+    batches = [(random_dispatch(T, E, K, g), torch.randn(T, D, generator=g), torch.rand(T * K, generator=g),
+                torch.randn(T, D, generator=g)) for _ in range(2)]
+
+    def grads(fn, ckpt):
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        ys = []
+        for d, x, s, _ in batches:
+            args = (x.clone().requires_grad_(True), d.order_N // K, s.clone().requires_grad_(True), d.counts_E, *ws)
+            ys.append(checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args))
+        for y, (*_, gout) in zip(reversed(ys), reversed(batches)):
+            y.backward(gout)
+        return [w.grad for w in ws]
+
+    assert_all_close(grads(fast, True), grads(loop_then_scatter_add, False), rtol=1e-5, atol=1e-5)

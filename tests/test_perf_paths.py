@@ -592,3 +592,22 @@ def test_ab_benchmark_swaps_in_a_revisions_fast_paths_and_back(capsys):
         ab.main(["--against", "no-such-revision-xyz"])
     assert e.value.code == 2
     assert "cannot read moe/experts.py at 'no-such-revision-xyz'" in capsys.readouterr().err
+
+
+@FAST
+@pytest.mark.parametrize("frozen", ["weights", "input"])
+def test_fast_paths_with_frozen_weights_or_input_give_the_other_gradients(fast, frozen):
+    """Backward computes only what is needed (no weight gradients for frozen experts); the rest still match."""
+    T, E, K, D, I = 30, 8, 2, 16, 8
+    g = torch.Generator().manual_seed(5)
+    d = random_dispatch(T, E, K, g)
+    x, s, gout = torch.randn(T, D, generator=g), torch.rand(T * K, generator=g), torch.randn(T, D, generator=g)
+    weights = expert_weights(E, D, I, g)
+    results = []
+    for fn in (fast, loop_then_scatter_add):
+        xi = x.clone().requires_grad_(frozen == "weights")
+        ws = [w.clone().requires_grad_(frozen == "input") for w in weights]
+        fn(xi, d.order_N // K, s, d.counts_E, *ws).backward(gout)
+        results.append([xi.grad] if frozen == "weights" else [w.grad for w in ws])
+    assert all(t is not None for t in results[0])
+    assert_all_close(*results, rtol=1e-5, atol=1e-5)
