@@ -1,16 +1,18 @@
-"""The expert paths of this checkout against those of a git revision, in one process, interleaved.
+"""The MoE layer with this checkout's moe/experts.py against a git revision's: same weights, interleaved.
 
 A change to moe/experts.py is judged by the layer's fwd+bwd time before and after. Two runs of
 benchmarks/moe_layer.py minutes apart differ by 10-30% on a shared host; here both versions run
-in the same process, round-robin, on the same layer, weights and input, so load changes hit them
-alike. The revision's moe/experts.py is loaded as a module (`git show REV:moe/experts.py`) and its
-`experts_loop_add`, `experts_bucketed` and `experts_grouped` replace this checkout's while its
-entry runs; everything else (router, dispatch, `Experts.forward`, 'auto') is this checkout's. Also
-timed: the dense SwiGLU of equal active FLOPs (the faster of fused and split gate/up), and the
-minor page faults per step.
+in the same process, round-robin, on the same weights and input, so load changes hit them alike.
+The revision's moe/experts.py is loaded as a module (`git show REV:moe/experts.py`) and its
+`Experts` (dispatch, 'auto' and fast paths, everything in that file) takes this checkout's expert
+weights inside an otherwise identical MoE layer; router and shared expert are this checkout's.
+The revision's file must define `Experts(cfg)` with parameters w1, w3, w2. Also timed: the dense
+SwiGLU of equal active FLOPs (the faster of fused and split gate/up); then, untimed, the minor page
+faults per step of each entry.
 
   python benchmarks/ab_experts.py --against HEAD~1                 # fine64, the bucketed regime
   python benchmarks/ab_experts.py --against 5fc72f5 --preset-size small,fine64,fine256 --rounds 10
+  python benchmarks/ab_experts.py --against 4e1d6f3 --preset-size small --sizes 8x256 --impls loop,auto
 
 Prints a table per configuration and one line 'JSON {...}'. Exit code 2 on a bad revision.
 """
@@ -22,26 +24,32 @@ import datetime
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from moe_layer import PRESET_SIZES, bench_config, build_dense, build_ours, device_name, fwd_bwd  # noqa: E402
-
-import moe.experts as experts_now  # noqa: E402
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWAPPED = ("experts_loop_add", "experts_bucketed", "experts_grouped")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from moe_layer import (  # noqa: E402
+    PRESET_SIZES,
+    bench_config,
+    build_dense,
+    build_ours,
+    device_name,
+    fwd_bwd,
+    minor_page_faults,
+    time_interleaved,
+)
+
+from moe.config import CHOICES, ModelConfig  # noqa: E402
 
 
 def experts_at(rev: str) -> ModuleType:
@@ -62,55 +70,55 @@ def experts_at(rev: str) -> ModuleType:
         raise ValueError(f"--against: moe/experts.py at {rev!r} does not import here: {e!r}") from None
     finally:
         os.unlink(f.name)
+    if not hasattr(module, "Experts"):
+        raise ValueError(f"--against: moe/experts.py at {rev!r} defines no Experts")
     return module
 
 
-# this checkout's fast paths, captured before any swap
-NOW = SimpleNamespace(**{name: getattr(experts_now, name) for name in SWAPPED})
+def layer_pair(cfg: ModelConfig, impl: str, old: ModuleType) -> tuple[nn.Module, nn.Module]:
+    """Two MoE layers with the same weights: this checkout's, and the same with `old`'s Experts."""
+    torch.manual_seed(0)
+    now = build_ours(cfg, impl)
+    torch.manual_seed(0)
+    before = build_ours(cfg, impl)
+    try:
+        experts = old.Experts(before.cfg)
+        experts.load_state_dict(now.experts.state_dict())
+    except (TypeError, RuntimeError) as e:  # another constructor or other parameters
+        raise ValueError(f"--against: its Experts does not take this checkout's config and weights: {e}") from None
+    before.experts = experts
+    return now, before
 
 
-def use(version: Any) -> None:
-    """Make Experts.forward call `version`'s fast paths (this checkout's where it lacks one)."""
-    for name in SWAPPED:
-        setattr(experts_now, name, getattr(version, name, None) or getattr(NOW, name))
-
-
-def faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def faults_per_step(mod: nn.Module, x: torch.Tensor, gout: torch.Tensor, steps: int = 4) -> float:
+    f0 = minor_page_faults()
+    for _ in range(steps):
+        fwd_bwd(mod, x, gout)
+    return (minor_page_faults() - f0) / steps
 
 
 def run_preset(preset: str, size: str, old: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     B, S = (int(v) for v in size.split("x"))
     cfg = bench_config(preset)
-    torch.manual_seed(0)
-    layer = build_ours(cfg, "auto")
+    entries: dict[str, nn.Module] = {}
+    twin: dict[str, str] = {}  # each layer entry -> the revision's entry it is compared with
+    for impl in args.impls.split(","):
+        now, before = f"now[{impl}]", f"{args.against}[{impl}]"
+        entries[now], entries[before] = layer_pair(cfg, impl, old)
+        twin[now] = twin[before] = before
     dense = {f"dense[{'fused' if f else 'split'}]": build_dense(cfg, f) for f in (True, False)}
+    entries.update(dense)
     g = torch.Generator().manual_seed(1)
     x, gout = torch.randn(B, S, cfg.dim, generator=g), torch.randn(B, S, cfg.dim, generator=g)
-    entries = {"now": (layer, NOW), args.against: (layer, old), **{k: (m, None) for k, m in dense.items()}}
-    times: dict[str, list[float]] = {k: [] for k in entries}
-    flts: dict[str, list[int]] = {k: [] for k in entries}
-    try:
-        for _ in range(args.rounds):
-            for name, (mod, version) in entries.items():
-                if version is not None:
-                    use(version)
-                fwd_bwd(mod, x, gout)  # one untimed step after each switch
-                for _ in range(args.steps):
-                    f0, t0 = faults(), time.perf_counter()
-                    fwd_bwd(mod, x, gout)
-                    times[name].append(time.perf_counter() - t0)
-                    flts[name].append(faults() - f0)
-    finally:
-        use(NOW)  # never leave the revision's functions installed
+    times = time_interleaved(entries, x, gout, args.rounds, args.steps, warmup=1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    best_dense = min((k for k in dense), key=med.get)
-    impl = layer.experts.impl_for(x.reshape(-1, cfg.dim), B * S * cfg.n_activated_experts)
+    best_dense = min(dense, key=med.get)
+    auto = entries[f"now[{args.impls.split(',')[0]}]"].experts.impl_for(x.reshape(-1, cfg.dim),
+                                                                          B * S * cfg.n_activated_experts)
     rows = [dict(entry=k, median_ms=1e3 * med[k], min_ms=1e3 * min(times[k]),
-                 faults_per_step=statistics.median(flts[k]), vs_dense=med[best_dense] / med[k],
-                 vs_against=med[args.against] / med[k]) for k in entries]
-    missing = [n for n in SWAPPED if not hasattr(old, n)]  # this checkout's ran in their place
-    return dict(preset=preset, size=size, auto=impl, dense=best_dense, rows=rows, not_in_revision=missing)
+                 faults_per_step=faults_per_step(mod, x, gout), vs_dense=med[best_dense] / med[k],
+                 vs_against=med[twin[k]] / med[k] if k in twin else None) for k, mod in entries.items()]
+    return dict(preset=preset, size=size, auto=auto, dense=best_dense, rows=rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--preset-size", default="fine64",
                     help=f"comma list of configurations: {', '.join(p for p in PRESET_SIZES if p != 'large')}")
     ap.add_argument("--sizes", default=None, help="BATCHxSEQ for every configuration (default: each one's first)")
+    ap.add_argument("--impls", default="auto", help="expert_impl values, each timed in both versions (comma list)")
     ap.add_argument("--rounds", type=int, default=8, help="round-robin passes over the entries")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per entry per round")
     ap.add_argument("--threads", type=int, default=2)
@@ -129,12 +138,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rounds < 1 or args.steps < 1 or args.threads < 1:
         ap.error(f"--rounds, --steps and --threads must be >= 1, got {args.rounds}, {args.steps}, {args.threads}")
     if args.against == "now":
-        ap.error("--against: 'now' names this checkout's entry; give a commit, tag or HEAD~N")
-    if args.sizes is not None and not all(p.isdigit() and int(p) > 0 for p in args.sizes.split("x")) \
-            or args.sizes is not None and args.sizes.count("x") != 1:
+        ap.error("--against: 'now' names this checkout's entries; give a commit, tag or HEAD~N")
+    impls = args.impls.split(",")
+    if any(i not in CHOICES["expert_impl"] for i in impls):
+        ap.error(f"--impls: {args.impls!r}; choose from {', '.join(CHOICES['expert_impl'])} (comma list)")
+    parts = (args.sizes or "1x1").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         ap.error(f"--sizes: {args.sizes!r}; give one BATCHxSEQ such as 8x256")
     try:
         old = experts_at(args.against)
+        layer_pair(bench_config(presets[0]), impls[0], old)  # its Experts fits, before anything is timed
     except ValueError as e:
         ap.error(str(e))
     torch.set_num_threads(args.threads)
@@ -150,12 +163,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.append(r)
         n = args.rounds * args.steps
         print(f"\n== {preset}, {size} tokens, auto = {r['auto']}, median of {n} interleaved steps ==")
-        print(f"{'entry':<16}{'ms':>9}{'min ms':>9}{'faults/step':>13}{'vs dense':>10}{'vs ' + args.against:>16}")
-        if r["not_in_revision"]:
-            print(f"note: {args.against} has no {', '.join(r['not_in_revision'])}: this checkout's ran in its place")
+        print(f"{'entry':<24}{'ms':>9}{'min ms':>9}{'faults/step':>13}{'vs dense':>10}{'vs ' + args.against:>16}")
         for row in r["rows"]:
-            print(f"{row['entry']:<16}{row['median_ms']:>9.1f}{row['min_ms']:>9.1f}{row['faults_per_step']:>13.0f}"
-                  f"{row['vs_dense']:>10.2f}{row['vs_against']:>16.2f}")
+            vs = "-" if row["vs_against"] is None else f"{row['vs_against']:.2f}"
+            print(f"{row['entry']:<24}{row['median_ms']:>9.1f}{row['min_ms']:>9.1f}{row['faults_per_step']:>13.0f}"
+                  f"{row['vs_dense']:>10.2f}{vs:>16}")
     meta["loadavg_end"] = os.getloadavg()
     print(f"\nload average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
     out = dict(meta=meta, results=results)

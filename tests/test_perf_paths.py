@@ -566,32 +566,32 @@ def test_train_step_profile_lists_the_ops_where_moe_exceeds_dense(capsys):
     assert set(out["total_ms"]) == {"moe[loop]", "dense"}
 
 
-def test_ab_benchmark_swaps_in_a_revisions_fast_paths_and_back(capsys):
+def test_ab_benchmark_runs_a_revisions_experts_on_the_same_weights(capsys):
     spec = importlib.util.spec_from_file_location("bench_ab_experts", os.path.join(ROOT, "benchmarks", "ab_experts.py"))
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)
-    import moe.experts as ex
 
-    ours = ex.experts_bucketed
     old = ab.experts_at("HEAD")
-    assert old.experts_bucketed is not ours and old.__name__ == "experts_at_HEAD"
-    ab.use(old)
-    try:
-        assert ex.experts_bucketed is old.experts_bucketed and ex.experts_loop_add is old.experts_loop_add
-    finally:
-        ab.use(ab.NOW)
-    assert ex.experts_bucketed is ours
+    assert old.__name__ == "experts_at_HEAD" and old.Experts is not Experts
+    now, before = ab.layer_pair(small_cfg(), "auto", old)
+    assert type(now.experts) is Experts and type(before.experts) is old.Experts
+    assert_all_close([p.detach() for p in before.parameters()], [p.detach() for p in now.parameters()], rtol=0, atol=0)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(before(x)[0], now(x)[0])  # HEAD's experts.py is this checkout's
     out = ab.main(["--against", "HEAD", "--preset-size", "small", "--sizes", "1x16", "--rounds", "1", "--steps", "1"])
-    assert ex.experts_bucketed is ours  # switched back after the run
     (r,) = out["results"]
-    assert [row["entry"] for row in r["rows"]] == ["now", "HEAD", "dense[fused]", "dense[split]"]
-    head = next(row for row in r["rows"] if row["entry"] == "HEAD")
+    assert [row["entry"] for row in r["rows"]] == ["now[auto]", "HEAD[auto]", "dense[fused]", "dense[split]"]
+    head = next(row for row in r["rows"] if row["entry"] == "HEAD[auto]")
     assert head["vs_against"] == 1.0 and all(row["median_ms"] > 0 for row in r["rows"])
     assert "JSON " in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        ab.main(["--against", "no-such-revision-xyz"])
-    assert e.value.code == 2
-    assert "cannot read moe/experts.py at 'no-such-revision-xyz'" in capsys.readouterr().err
+    bad = ((["--against", "no-such-revision-xyz"], "cannot read moe/experts.py at 'no-such-revision-xyz'"),
+           (["--against", "HEAD", "--impls", "fast"], "--impls: 'fast'; choose from"),
+           (["--against", "HEAD", "--sizes", "1x"], "--sizes: '1x'"))
+    for argv, message in bad:
+        with pytest.raises(SystemExit) as e:
+            ab.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 @FAST
