@@ -5,13 +5,9 @@ step's output is kept while the next runs. A saved tensor or an output sharing s
 call's buffers (a reused scratch buffer, a cached view) would be overwritten: these tests catch it.
 """
 
-import pytest
 import torch
 
-from moe.experts import experts_bucketed, experts_loop_add
-from tests.test_perf_paths import assert_all_close, expert_weights, loop_then_scatter_add, random_dispatch
-
-FAST = pytest.mark.parametrize("fast", [experts_loop_add, experts_bucketed], ids=["loop_add", "bucketed"])
+from tests.test_perf_paths import FAST, assert_all_close, expert_weights, loop_then_scatter_add, random_dispatch
 
 
 @FAST
