@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe.config import ModelConfig, atomic_write_text, fsync_dir, with_umask
+from moe.config import ModelConfig, atomic_write_text, fsync_dir, replace_dir, with_umask
 from moe.device import resolve_device
 
 CHECKPOINT_FORMAT = 1
@@ -81,10 +81,7 @@ def _commit(out: str, tmp: str, name: str, blobs: dict[str, bytes], files: dict[
     _write_durable(at[0], (json.dumps({**manifest, "files": files}, indent=2) + "\n").encode())
     fsync_dir(tmp)
     final = at[0] = os.path.join(out, name)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(out)
+    replace_dir(tmp, final)  # the old one (a convert --overwrite, or a crash's leftover) goes only afterwards
     at[0] = os.path.join(out, "LATEST")
     atomic_write_text(at[0], name + "\n")  # fsyncs the file and the folder
 
@@ -443,8 +440,12 @@ class StreamingSafetensors:
         self.specs = specs
         self.base = 8 + len(text)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self._pwrite(len(text).to_bytes(8, "little") + text, 0)
-        os.ftruncate(self.fd, self.base + start)
+        try:
+            self._pwrite(len(text).to_bytes(8, "little") + text, 0)
+            os.ftruncate(self.fd, self.base + start)
+        except BaseException:  # e.g. a full disk: no object, so close() would never run
+            os.close(self.fd)
+            raise
 
     def _pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")

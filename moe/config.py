@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, fields
 from typing import Any
@@ -290,6 +291,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename folder src to dst, replacing a dst that exists without ever deleting it first.
+
+    The old dst is renamed aside and deleted only once src is in its place; if that rename
+    fails, the old folder is put back. So at every moment one complete folder is at dst, but
+    for the instant between the two renames.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    parent = os.path.dirname(os.path.abspath(dst))
+    aside = None
+    if os.path.exists(dst):
+        aside = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(dst)}-")
+        os.replace(dst, aside)  # a folder may replace an empty one
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, dst)
+        raise
+    fsync_dir(parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -400,16 +400,19 @@ class Experts(nn.Module):
                                self.fp8)
             return x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND), d.counts_E, d.dropped
         impl = self.impl_for(x_TD, token_N.numel())
+        x_in, ws = x_TD, (self.w1, self.w3, self.w2)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            # grouped_mm and the out= matmuls of the hand-written paths are not on autocast's list: cast as it
+            # casts a matmul (bf16 on CUDA training), or the experts would run fp32 while every dense matmul
+            # runs bf16 (and a path mixing both would fail)
+            dt = torch.get_autocast_dtype(x_TD.device.type)
+            x_in, scale_N, ws = x_TD.to(dt), scale_N.to(dt), tuple(w.to(dt) for w in ws)
         if impl in ("loop", "bucketed"):
             fn = experts_loop_add if impl == "loop" else experts_bucketed
-            return fn(x_TD, token_N, scale_N, d.counts_E, self.w1, self.w3, self.w2), d.counts_E, d.dropped
-        x_ND = x_TD.index_select(0, token_N)  # each expert's tokens, contiguous
-        ws = (self.w1, self.w3, self.w2)
-        if torch.is_autocast_enabled(x_TD.device.type):
-            # grouped_mm is not on autocast's list: cast as it casts a matmul (bf16 on CUDA training), or the
-            # experts would run fp32 while every dense matmul runs bf16
-            dt = torch.get_autocast_dtype(x_TD.device.type)
-            x_ND, scale_N, ws = x_ND.to(dt), scale_N.to(dt), tuple(w.to(dt) for w in ws)
+            with torch.autocast(x_TD.device.type, enabled=False):  # one dtype throughout, as cast above
+                y_TD = fn(x_in, token_N, scale_N, d.counts_E, *ws)
+            return y_TD.to(x_TD.dtype), d.counts_E, d.dropped
+        x_ND = x_in.index_select(0, token_N)  # each expert's tokens, contiguous
         y_ND = experts_grouped(x_ND, d.counts_E, *ws, scale_N)
         # scatter-add each weighted output onto its token; dropped assignments add nothing
         y_TD = x_TD.new_zeros(T, y_ND.shape[-1]).index_add_(0, token_N, y_ND.to(x_TD.dtype))

@@ -179,6 +179,17 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
 
 
+def load_optimizer_state(optimizer: torch.optim.AdamW, state: dict, tc: TrainConfig) -> None:
+    """Restore the moments and step counts of a checkpoint, keeping the hyperparameters of tc.
+
+    load_state_dict also restores each group's weight_decay and betas; a resume that passes new
+    ones (recorded in its train.json) must train with them. The lr is set every step anyway.
+    """
+    optimizer.load_state_dict(state)
+    for group, decay in zip(optimizer.param_groups, (tc.weight_decay, 0.0)):
+        group["weight_decay"], group["betas"] = decay, (tc.beta1, tc.beta2)
+
+
 @torch.no_grad()
 def evaluate(model: Transformer, corpus: Corpus, seq_len: int, n_windows: int, batch_size: int,
              device: torch.device) -> dict[str, float]:
@@ -283,14 +294,21 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = 
     from moe import parallel
 
     tc.validate()
+    if resume and os.path.isfile(os.path.join(tc.out, "manifest.json")):
+        # the run would go on inside the checkpoint, and the next save in the run folder would delete it
+        parent = os.path.dirname(os.path.abspath(tc.out))
+        raise ValueError(f"--resume takes a run folder, and {tc.out} is one of its checkpoints; continue the run "
+                         f"(from its LATEST) with --resume {parent}")
     threads = torch.get_num_threads()
-    if tc.threads is not None:
-        torch.set_num_threads(tc.threads)
-    ps = parallel.setup(tc.parallel, tc.ep_size, resolve_device(tc.device), tc.dist_timeout)
     try:
-        return _train(tc, model_cfg, resume, ps)
-    finally:
-        parallel.teardown(ps)
+        if tc.threads is not None:
+            torch.set_num_threads(tc.threads)
+        ps = parallel.setup(tc.parallel, tc.ep_size, resolve_device(tc.device), tc.dist_timeout)
+        try:
+            return _train(tc, model_cfg, resume, ps)
+        finally:
+            parallel.teardown(ps)
+    finally:  # also when setup refuses the device or the parallel mode
         torch.set_num_threads(threads)
 
 
@@ -323,8 +341,9 @@ def _prepare(tc: TrainConfig, model_cfg: ModelConfig | None, resume: bool):
         model_cfg = ckpt.config
     else:
         model_cfg = model_cfg or PRESETS["toy"]
-        existing = latest_checkpoint(tc.out) if os.path.isdir(tc.out) else None
-        if existing is not None and not tc.overwrite:
+        # with --overwrite the old run is cleared whatever its LATEST says (a corrupt one included)
+        existing = latest_checkpoint(tc.out) if os.path.isdir(tc.out) and not tc.overwrite else None
+        if existing is not None:
             raise ValueError(f"{tc.out} already holds a run ({os.path.basename(existing)}); continue it with "
                              f"--resume {tc.out}, start over with --overwrite, or pick another --out")
     if tc.seq_len > model_cfg.max_seq_len:
@@ -369,7 +388,7 @@ def _loop(tc: TrainConfig, model_cfg: ModelConfig, ckpt, corpus: Corpus, device:
     model.to(device).train()
     optimizer = build_optimizer(model, tc)
     if ckpt is not None:
-        optimizer.load_state_dict(ps.shard_optimizer_state(ckpt.state["optimizer"], model, optimizer))
+        load_optimizer_state(optimizer, ps.shard_optimizer_state(ckpt.state["optimizer"], model, optimizer), tc)
         torch.set_rng_state(ckpt.state["rng"]["torch"])
         if device.type == "cuda" and ckpt.state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt.state["rng"]["cuda"])

@@ -220,6 +220,67 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
     assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
 
 
+def _weights_only(out: str, source: str) -> None:
+    from moe.interop.hf import our_specs
+
+    sd = Transformer(TINY).state_dict()
+    specs = our_specs(TINY, torch.float32)
+    ckpt_mod.save_weights_checkpoint(out, TINY, specs, lambda write: [write(n, None, sd[n]) for n in specs], {},
+                                     {"source": source})
+
+
+def test_overwriting_converted_weights_keeps_them_until_the_new_ones_are_in_place(tmp_path, monkeypatch):
+    """A converted checkpoint has one name (step 0): replacing it must not delete it first."""
+    out = str(tmp_path / "run")
+    _weights_only(out, "first")
+    real = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(src).startswith(ckpt_mod.TMP_PREFIX):
+            raise OSError(5, "simulated failure")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="simulated failure"):
+        _weights_only(out, "second")
+    monkeypatch.undo()
+    assert load_checkpoint(out).train_config["source"] == "first"
+    _weights_only(out, "second")
+    assert load_checkpoint(out).train_config["source"] == "second"
+    assert sorted(os.listdir(out)) == ["LATEST", "ckpt-00000000"]  # nothing set aside is left
+
+
+def test_replace_dir_swaps_folders_and_puts_the_old_back_on_failure(tmp_path, monkeypatch):
+    src, dst = tmp_path / "new", tmp_path / "dst"
+    for folder, text in ((src, "new"), (dst, "old")):
+        folder.mkdir()
+        (folder / "f").write_text(text)
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(5, "no")) if a == str(src)
+                        else real(a, b))
+    with pytest.raises(OSError):
+        config_mod.replace_dir(src, dst)
+    monkeypatch.undo()
+    assert (dst / "f").read_text() == "old" and (src / "f").read_text() == "new"
+    config_mod.replace_dir(src, dst)
+    assert (dst / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_a_failing_streaming_writer_closes_its_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, n):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "ftruncate", full)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(3):
+        with pytest.raises(OSError):
+            ckpt_mod.StreamingSafetensors(str(tmp_path / f"m{i}.safetensors"), {"w": ((4, 4), torch.float32)})
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_real_full_disk(tmp_path):
     """On a 64 KiB tmpfs (needs root and mount; skipped elsewhere) the real error comes through."""
     import errno

@@ -372,6 +372,35 @@ def test_grouped_under_autocast_runs_its_matmuls_in_the_autocast_dtype(monkeypat
     assert close.float().mean() > 0.95  # bf16 matmuls; a few routing flips near ties are allowed for
 
 
+@pytest.mark.parametrize("impl", ["loop", "bucketed"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_hand_written_paths_under_autocast_run_in_the_autocast_dtype(monkeypatch, impl, frozen):
+    """Their out= matmuls are not autocast-registered: the inputs are cast as autocast would cast a matmul
+    (a frozen model's loop once mixed an autocast bf16 mm with an fp32 out= buffer and failed)."""
+    import moe.experts as ex
+
+    name = "experts_loop_add" if impl == "loop" else "experts_bucketed"
+    real, seen = getattr(ex, name), []
+
+    def spy(x, token, scale, counts, *ws):
+        seen.append({t.dtype for t in (x, scale, *ws)})
+        return real(x, token, scale, counts, *ws)
+
+    m = make_moe(impl).requires_grad_(not frozen)
+    x = torch.randn(2, 8, 32)
+    y_ref, _ = m(x)
+    monkeypatch.setattr(ex, name, spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = m(x)
+    assert seen == [{torch.bfloat16}]
+    assert y.dtype == torch.float32
+    close = (y - y_ref).abs() <= 0.05 * y_ref.abs().max()
+    assert close.float().mean() > 0.95
+    if not frozen:
+        y.sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.experts.parameters())
+
+
 def test_sort_by_expert_counts_match_bincount():
     g = torch.Generator().manual_seed(0)
     e = torch.randint(0, 16, (100, 4), generator=g)

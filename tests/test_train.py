@@ -118,6 +118,53 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert la == lb
 
 
+def test_resume_trains_with_the_weight_decay_and_betas_it_is_given(tmp_path, monkeypatch):
+    """load_state_dict restores each group's old hyperparameters; the resume's own (as its train.json
+    records them) must win."""
+    built = []
+    real = train_mod.build_optimizer
+    monkeypatch.setattr(train_mod, "build_optimizer", lambda model, tc: built.append(real(model, tc)) or built[-1])
+    train(tiny_run(tmp_path, steps=4, stop_at=2, weight_decay=0.1), TINY)
+    tc = tiny_run(tmp_path, steps=4, weight_decay=0.0, beta1=0.8, beta2=0.9)
+    train(tc, resume=True)
+    groups = built[-1].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+    assert built[-1].state  # the moments were restored all the same
+    saved = json.loads((pathlib.Path(tc.out) / "ckpt-00000004" / "train.json").read_text())
+    assert (saved["weight_decay"], saved["beta1"], saved["beta2"]) == (0.0, 0.8, 0.9)
+
+
+def test_resume_of_a_checkpoint_folder_is_refused_untouched(tmp_path):
+    """Resuming ckpt-* itself would train inside it, and the run's next save would delete it."""
+    tc = tiny_run(tmp_path, steps=2, eval_interval=0)
+    train(tc, TINY)
+    folder = pathlib.Path(tc.out) / "ckpt-00000002"
+    before = sorted(os.listdir(folder))
+    with pytest.raises(ValueError, match=r"--resume takes a run folder.*--resume .*run$"):
+        train(dataclasses.replace(tc, out=str(folder), steps=3), resume=True)
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_the_thread_count_is_restored_when_setup_refuses(tmp_path):
+    threads = torch.get_num_threads()
+    refused = [{"parallel": "dp"}] + ([{"device": "cuda"}] if not torch.cuda.is_available() else [])
+    for change in refused:
+        with pytest.raises(ValueError):
+            train(tiny_run(tmp_path, threads=threads + 1, **change), TINY)
+        assert torch.get_num_threads() == threads
+
+
+def test_overwrite_starts_afresh_over_a_corrupt_latest(tmp_path):
+    tc = tiny_run(tmp_path, steps=2, eval_interval=0)
+    os.makedirs(tc.out)
+    pathlib.Path(tc.out, "LATEST").write_text("garbage\n")
+    with pytest.raises(ValueError, match="corrupt"):
+        train(tc, TINY)
+    assert train(dataclasses.replace(tc, overwrite=True), TINY).step == 2
+    assert load_checkpoint(tc.out).step == 2
+
+
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     tc = tiny_run(tmp_path, steps=6, eval_interval=3, save_interval=3)
     train(tc, TINY)

@@ -25,7 +25,7 @@ import torch
 
 from moe.checkpoint import check_out_dir, latest_checkpoint, save_weights_checkpoint, verify_checkpoint
 from moe.cli import positive_float
-from moe.config import ModelConfig, atomic_write_text, fsync_dir, parse_overrides, with_umask
+from moe.config import ModelConfig, atomic_write_text, parse_overrides, replace_dir, with_umask
 from moe.interop.hf import (
     ARCHS,
     StateDictBuilder,
@@ -240,10 +240,7 @@ def to_hf_dir(run: str, out: str, dtype: str = "auto", layout: str = "per_expert
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             atomic_write_text(os.path.join(tmp, INDEX), json.dumps(index, indent=2) + "\n")
         _copy_tokenizer(os.path.join(os.path.dirname(folder), "tokenizer"), tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(parent)
+        replace_dir(tmp, out)  # an --overwrite'n folder is deleted only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
