@@ -26,6 +26,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from moe.cli import non_negative_float, positive_float, positive_int
 from moe.config import PRESETS, ModelConfig, get_preset, parse_overrides
 
 GB = 1e9
@@ -730,23 +731,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=None,
                    help="context length for attention FLOPs and KV cache (default: min(4096, max_seq_len))")
     p.add_argument("--kv-dtype", default="bf16", choices=PRECISIONS, help="KV-cache element type")
-    p.add_argument("--tokens", type=float, default=None, help="training tokens, e.g. 14.8e12")
-    p.add_argument("--gpu-hours", type=float, default=None, help="GPU-hours for the cost line, e.g. 2.788e6")
-    p.add_argument("--price", type=float, default=DEEPSEEK_V3_PRICE_PER_GPU_HOUR, help="$ per GPU-hour")
+    p.add_argument("--tokens", type=positive_float, default=None, help="training tokens, e.g. 14.8e12")
+    p.add_argument("--gpu-hours", type=positive_float, default=None, help="GPU-hours for the cost line, e.g. 2.788e6")
+    p.add_argument("--price", type=non_negative_float, default=DEEPSEEK_V3_PRICE_PER_GPU_HOUR, help="$ per GPU-hour")
     p.add_argument("--gpus", type=int, default=None, help="GPUs running the GPU-hours (wall-clock days)")
-    p.add_argument("--peak-tflops", type=float, default=H800_PEAK_BF16_TFLOPS,
+    p.add_argument("--peak-tflops", type=positive_float, default=H800_PEAK_BF16_TFLOPS,
                    help="per-GPU peak for the implied utilisation (H800 dense BF16: 989.5)")
-    p.add_argument("--card-gb", type=float, default=CONSUMER_CARD_GB, help="consumer card memory in GB")
-    p.add_argument("--ep", type=int, default=None, metavar="N",
+    p.add_argument("--card-gb", type=positive_float, default=CONSUMER_CARD_GB, help="consumer card memory in GB")
+    p.add_argument("--ep", type=positive_int, default=None, metavar="N",
                    help="expert parallelism over N ranks: bytes the all-to-alls send per token and per step "
                         "(dispatch and combine, forward and backward; uniform routing)")
-    p.add_argument("--nodes", type=int, default=None, metavar="M",
+    p.add_argument("--nodes", type=positive_int, default=None, metavar="M",
                    help=f"with --ep: DeepSeek-V3's node-limited routing, each token's experts on at most M nodes "
                         f"of {GPUS_PER_NODE} GPUs (V3: M = 4 of 8), and the cross-node traffic it saves")
     p.add_argument("--comm-dtype", default="bf16", choices=COMM_DTYPES,
                    help="all-to-all element type; fp8 = DeepSeek-V3: rows to the experts in FP8 with a scale "
                         "per 128 values, rows back in BF16 (default: bf16)")
-    p.add_argument("--batch-tokens", type=float, default=None,
+    p.add_argument("--batch-tokens", type=positive_float, default=None,
                    help="tokens per optimizer step (the global batch) for the per-step traffic; "
                         "DeepSeek-V3: 15360 x 4096 = 62.9e6")
     p.set_defaults(func=run_calc)

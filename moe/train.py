@@ -48,6 +48,7 @@ from moe.checkpoint import (
     load_weights,
     read_metrics,
     remove_stale_tmp,
+    resolve_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
@@ -114,6 +115,9 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {self.parallel!r}")
         if self.ep_size is not None and (not isinstance(self.ep_size, int) or self.ep_size <= 0):
             raise ValueError(f"ep_size must be a positive integer or None, got {self.ep_size!r}")
+        if self.ep_size is not None and self.parallel != "ep":
+            raise ValueError(f"ep_size applies with parallel='ep' only (--ep-size with --parallel ep), "
+                             f"got parallel={self.parallel!r}")
         if not (isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0):
             raise ValueError(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
@@ -561,22 +565,28 @@ _TRAIN_FLAGS = {"steps": "steps", "stop_at": "stop_at", "batch_size": "batch_siz
                 "bias_freeze_frac": "bias_freeze_frac"}
 
 
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig | None:
-    """--config FILE or --preset NAME, then --balance NAME, then --set overrides; None when none is given."""
+def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = None) -> ModelConfig | None:
+    """--config FILE or --preset NAME, then --balance NAME, then --set overrides; None when none is given.
+
+    Without --config or --preset, --balance and --set change base (a resumed run's own config), else toy.
+    """
     cfg = None
     if args.config:
         cfg = ModelConfig.load(args.config)
     elif args.preset:
         cfg = get_preset(args.preset)
     if getattr(args, "balance", None):
-        cfg = (cfg or get_preset("toy")).replace(**mode_fields(args.balance))
+        cfg = (cfg or base or get_preset("toy")).replace(**mode_fields(args.balance))
     if args.set:
-        cfg = (cfg or get_preset("toy")).replace(**parse_overrides(args.set))
+        cfg = (cfg or base or get_preset("toy")).replace(**parse_overrides(args.set))
     return cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = model_config_from_args(args)
+    saved = None
+    if args.resume:  # a --set on resume changes the run's config, so a refusal names only what it changed
+        saved = ModelConfig.load(os.path.join(resolve_checkpoint(args.resume), "config.json"))
+    cfg = model_config_from_args(args, saved)
     if args.resume:
         if args.out and os.path.normpath(args.out) != os.path.normpath(args.resume):
             raise ValueError(f"--resume {args.resume} continues in its own folder; drop --out {args.out}")

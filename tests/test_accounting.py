@@ -447,6 +447,19 @@ def test_cli_calc_bad_input_is_one_line_exit_2(run_cli, argv, message):
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag, value", [("--peak-tflops", "0"), ("--peak-tflops", "-5"), ("--price", "-1"),
+                                         ("--tokens", "nan"), ("--gpu-hours", "inf"), ("--card-gb", "nan"),
+                                         ("--batch-tokens", "0"), ("--ep", "0"), ("--nodes", "-1")])
+def test_cli_calc_refuses_numbers_outside_their_range(monkeypatch, capsys, flag, value):
+    """0 peak TFLOP/s once divided by zero; a negative price or NaN tokens printed nonsense."""
+    monkeypatch.setattr(cli, "CLI_MODULES", ("moe.accounting",))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["calc", "--tokens", "1e12", "--gpu-hours", "1e6", "--gpus", "8", flag, value])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and "Traceback" not in err
+    assert f"argument {flag}: expected a finite number" in err or f"argument {flag}: expected a positive" in err
+
+
 # ---------------------------------------------------------------- experiment
 def test_savings_quick_writes_figures_and_results(tmp_path):
     spec = importlib.util.spec_from_file_location("savings", ROOT / "experiments" / "savings.py")

@@ -529,6 +529,29 @@ def test_convert_cli_round_trip_sharded_with_mtp(ours_with_mtp, tmp_path, capsys
     assert not any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in loaded.state_dict())
 
 
+def test_convert_cli_to_one_file_with_mtp(ours_with_mtp, tmp_path):
+    """In one file the MTP layer's embed_tokens and shared_head.head are the main model's tensors a second
+    time: each must be written as its own copy (safetensors refuses shared storage)."""
+    from moe.checkpoint import save_weights_checkpoint
+    from moe.interop.hf import our_specs
+
+    cfg = ours_with_mtp.cfg
+    specs = our_specs(cfg, torch.float32)
+    sd = ours_with_mtp.state_dict()
+    save_weights_checkpoint(str(tmp_path / "a"), cfg, specs,
+                            lambda write: [write(n, None, sd[n]) for n in specs], {}, {"test": True})
+    assert main(["convert", "--to-hf", str(tmp_path / "a"), "--out", str(tmp_path / "hf"), "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    n = cfg.n_layers
+    assert torch.equal(hf[f"model.layers.{n}.embed_tokens.weight"], hf["model.embed_tokens.weight"])
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    back, _ = load_model(str(tmp_path / "b"))
+    for name, t in sd.items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+
 def test_convert_cli_from_a_saved_transformers_model_then_generate(mixtral, tmp_path, capsys):
     hf, _, ours = mixtral
     src = save_hf(hf, tmp_path / "hf", max_shard_size="50KB")

@@ -234,6 +234,10 @@ def test_bad_train_settings_are_rejected(tmp_path):
         train(tiny_run(tmp_path, seq_len=128), TINY)
     with pytest.raises(ValueError, match="unknown device"):
         train(tiny_run(tmp_path, device="tpu"), TINY)
+    for mode in ("none", "dp"):  # once silently ignored
+        with pytest.raises(ValueError, match="ep_size applies with parallel='ep' only"):
+            train(tiny_run(tmp_path, parallel=mode, ep_size=2), TINY)
+    assert not os.path.exists(tmp_path / "run")  # refused before the run folder was made
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

@@ -224,9 +224,15 @@ def to_hf_dir(run: str, out: str, dtype: str = "auto", layout: str = "per_expert
                 for i, shard in enumerate(shards):
                     fname = "model.safetensors" if len(shards) == 1 else \
                         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    tensors = {}
+                    tensors, storages = {}, set()
                     for e in shard:
-                        tensors[e.hf] = entry_to_hf(e, get, cfg).contiguous()
+                        t = entry_to_hf(e, get, cfg).contiguous()
+                        if t.untyped_storage().data_ptr() in storages:
+                            # the MTP layers' embed_tokens and shared_head.head are the main model's tensors
+                            # again; safetensors refuses two names for one storage, transformers wants both
+                            t = t.clone()
+                        storages.add(t.untyped_storage().data_ptr())
+                        tensors[e.hf] = t
                         weight_map[e.hf] = fname
                         total += tensors[e.hf].numel() * tensors[e.hf].element_size()
                         bar.update(1)
