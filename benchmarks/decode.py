@@ -28,7 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe.config import ModelConfig, dense_baseline, get_preset, parse_overrides  # noqa: E402
+from moe.checkpoint import load_model  # noqa: E402
+from moe.cli import config_from, one_of, positive_int  # noqa: E402
+from moe.config import CHOICES, ModelConfig, dense_baseline  # noqa: E402
+from moe.device import resolve_device  # noqa: E402
 from moe.generate import generate, speculative_generate  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 
@@ -56,22 +59,17 @@ def run_once(model: Transformer, prompt: list[int], n_new: int, speculative: boo
     return time.perf_counter() - t0, tokens, stats
 
 
-def entries_for(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[Transformer, bool]]:
-    """name -> (model, speculative)."""
-    if args.checkpoint:
-        from moe.checkpoint import load_model
-
-        model, _ = load_model(args.checkpoint, device)
-        model.eval()
-        out = {"checkpoint": (model, False)}
-        if len(model.mtp):
-            out["checkpoint+spec"] = (model, True)
+def entries_for(impls: list[str], configs: dict[str, ModelConfig], trained: Transformer | None,
+                device: torch.device) -> dict[str, tuple[Transformer, bool]]:
+    """name -> (model, speculative): the trained model, else each attention kind's config with each impl."""
+    if trained is not None:
+        out = {"checkpoint": (trained, False)}
+        if len(trained.mtp):
+            out["checkpoint+spec"] = (trained, True)
         return out
-    base = get_preset(args.preset).replace(**parse_overrides(args.set))
     out: dict[str, tuple[Transformer, bool]] = {}
-    for attn in args.attn.split(","):
-        cfg = base.replace(attn=attn, n_mtp=max(base.n_mtp, 1))
-        for impl in args.impls.split(","):
+    for attn, cfg in configs.items():
+        for impl in impls:
             moe = build(cfg.replace(expert_impl=impl), device)
             out[f"moe[{impl}] {attn}"] = (moe, False)
             out[f"moe[{impl}] {attn}+spec"] = (moe, True)
@@ -81,23 +79,48 @@ def entries_for(args: argparse.Namespace, device: torch.device) -> dict[str, tup
     return out
 
 
+
+
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
-    ap.add_argument("--attn", default="mla,mha", help="attention kinds to compare (comma list)")
-    ap.add_argument("--impls", default="auto", help="expert_impl values for the MoE models (comma list)")
+    ap.add_argument("--attn", type=one_of(CHOICES["attn"]), default="mla,mha",
+                    help="attention kinds to compare (comma list)")
+    ap.add_argument("--impls", type=one_of(CHOICES["expert_impl"]), default="auto",
+                    help="expert_impl values for the MoE models (comma list)")
     ap.add_argument("--checkpoint", default=None, help="time this trained run instead (plain and speculative)")
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--new", type=int, default=128, help="new tokens per run")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="one: a batch-1 decode step is too small to split")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt-len", type=positive_int, default=16)
+    ap.add_argument("--new", type=positive_int, default=128, help="new tokens per run")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--threads", type=positive_int, default=1, help="one: a batch-1 decode step is too small to split")
+    ap.add_argument("--rounds", type=positive_int, default=5)
     args = ap.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    base = config_from(ap, args.preset, args.set)
+    configs = {}
+    for attn in args.attn.split(","):
+        try:
+            configs[attn] = base.replace(attn=attn, n_mtp=max(base.n_mtp, 1))
+        except ValueError as e:
+            ap.error(f"--attn {attn}: {e} (with this --preset and --set)")
+    trained = None
+    if args.checkpoint:
+        try:
+            trained, _ = load_model(args.checkpoint, device)
+        except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a folder we cannot read
+            ap.error(f"--checkpoint: {e}")
+    limit = (trained.cfg if trained is not None else base).max_seq_len
+    if args.prompt_len >= limit:
+        ap.error(f"--prompt-len {args.prompt_len}: must be < the model's max_seq_len={limit} (room for a new token)")
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    entries = entries_for(args, device)
+    entries = entries_for(args.impls.split(","), configs, trained, device)
     vocab = next(iter(entries.values()))[0].cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()

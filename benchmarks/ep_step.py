@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe import parallel  # noqa: E402
 from moe.balance import update_bias  # noqa: E402
+from moe.cli import comma_list, config_from, non_negative_int, positive_int  # noqa: E402
 from moe.config import get_preset, parse_overrides  # noqa: E402
 from moe.layer import reset_routing_stats  # noqa: E402
 from moe.model import Transformer  # noqa: E402
@@ -97,21 +98,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> int:
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="EP step time on 1, 2, 4 CPU processes")
-    ap.add_argument("--worlds", default="1,2,4", help="process counts, comma-separated")
+    ap.add_argument("--worlds", default="1,2,4", help="process counts, comma-separated",
+                    type=comma_list(lambda w: w.isdecimal() and int(w) > 0, "positive integers"))
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences in the global batch (split over ranks)")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=positive_int, default=8,
+                    help="sequences in the global batch (split over ranks)")
+    ap.add_argument("--seq-len", type=positive_int, default=128)
+    ap.add_argument("--steps", type=positive_int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    cfg = config_from(ap, args.preset, args.set)  # as each worker builds it: checked once, before any fork
+    if args.seq_len > cfg.max_seq_len:
+        ap.error(f"--seq-len {args.seq_len}: longer than the model's max_seq_len={cfg.max_seq_len}")
     worlds = [int(w) for w in args.worlds.split(",")]
     for w in worlds:
         if args.batch_size % w:
-            raise SystemExit(f"--batch-size {args.batch_size} must be divisible by every world size ({w})")
+            ap.error(f"--worlds {w}: --batch-size {args.batch_size} must be divisible by every world size")
+        if w > 1:
+            try:
+                parallel.check_expert_split(cfg, w)  # what the workers' expert sharding would refuse
+            except ValueError as e:
+                ap.error(f"--worlds {w}: {e}")
     rows = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for w in worlds:

@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -56,8 +57,9 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe.config import ModelConfig  # noqa: E402
-from moe.device import cpu_name  # noqa: E402
+from moe.cli import comma_list, non_negative_float, non_negative_int, one_of, positive_int  # noqa: E402
+from moe.config import CHOICES, ModelConfig, parse_overrides  # noqa: E402
+from moe.device import cpu_name, resolve_device  # noqa: E402
 from moe.experts import BUCKET_EXPERTS, sort_by_expert  # noqa: E402
 from moe.init import init_weights  # noqa: E402
 from moe.layer import MoE  # noqa: E402
@@ -83,6 +85,7 @@ PRESET_SIZES: dict[str, dict[str, Any]] = {
 }
 ROUTING = dict(score_func="sigmoid", route_scale=2.5, norm_topk_prob=True)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")  # transformers' experts implementations timed here
 
 
 def bench_config(preset: str = "small", **changes: Any) -> ModelConfig:
@@ -737,51 +740,67 @@ def meta_line(device: torch.device, dtype: torch.dtype) -> str:
     return f"{device_name(device)}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
 
 
+
+
+
+
+POSITIVE = re.compile("[1-9][0-9]*")
+SIZE = re.compile("[1-9][0-9]*x[1-9][0-9]*")  # BATCHxSEQ
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset-size", default="small,fine64,fine256",
                     help=f"comma list of configurations, each with its own batches: {', '.join(PRESET_SIZES)} "
                          "(default: the three CPU ones)")
-    ap.add_argument("--sizes", default=None, help="comma list of BATCHxSEQ (default: each preset's)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", default=None, type=comma_list(SIZE.fullmatch, "BATCHxSEQ such as 8x256,16x512"),
+                    help="comma list of BATCHxSEQ (default: each preset's)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
-    ap.add_argument("--impls", default="loop,bucketed,grouped", help="our expert implementations to time")
-    ap.add_argument("--hf-impls", default="eager,grouped_mm,batched_mm", help="transformers experts implementations")
+    ap.add_argument("--threads", type=positive_int, default=2, help="CPU intra-op threads")
+    ap.add_argument("--impls", type=one_of(CHOICES["expert_impl"], empty_ok=True), default="loop,bucketed,grouped",
+                    help="our expert implementations to time")
+    ap.add_argument("--hf-impls", type=one_of(HF_IMPLS, empty_ok=True), default="eager,grouped_mm,batched_mm",
+                    help="transformers experts implementations ('' for none)")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
-    ap.add_argument("--rounds", type=int, default=6, help="round-robin passes over the entries")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per entry per round")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--max-gb", type=float, default=4.0, help="skip hf[batched_mm] when it would need more")
-    ap.add_argument("--repeat", type=int, default=1,
+    ap.add_argument("--rounds", type=positive_int, default=6, help="round-robin passes over the entries")
+    ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per entry per round")
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--max-gb", type=non_negative_float, default=4.0,
+                    help="skip hf[batched_mm] when it would need more")
+    ap.add_argument("--repeat", type=positive_int, default=1,
                     help="run the comparison this many times, then summarize ours' ratios against the targets")
-    ap.add_argument("--crossover", action="store_true",
-                    help="instead: time loop, bucketed and grouped over --crossover-tokens")
-    ap.add_argument("--crossover-tokens", default="1,4,16,64,256,1024,4096,16384")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="instead: time the parts of ours[auto] (first of --sizes), then profile it and the "
-                         "dense layer (matmuls vs the rest, page faults) and print ours' top ops")
-    ap.add_argument("--profile-rows", type=int, default=15)
-    ap.add_argument("--roofline", action="store_true",
-                    help="instead: the layer's matmuls alone (routed per expert, as bmm, shared, dense): GFLOP/s "
-                         "of each GEMM shape at 1 thread and --threads, the 9 GEMMs per expert in layer order, and "
-                         "the bound they put on ours/dense")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--crossover", action="store_true",
+                      help="instead: time loop, bucketed and grouped over --crossover-tokens")
+    ap.add_argument("--crossover-tokens", default="1,4,16,64,256,1024,4096,16384",
+                    type=comma_list(POSITIVE.fullmatch, "positive integers"))
+    mode.add_argument("--breakdown", action="store_true",
+                      help="instead: time the parts of ours[auto] (first of --sizes), then profile it and the "
+                           "dense layer (matmuls vs the rest, page faults) and print ours' top ops")
+    ap.add_argument("--profile-rows", type=positive_int, default=15)
+    mode.add_argument("--roofline", action="store_true",
+                      help="instead: the layer's matmuls alone (routed per expert, as bmm, shared, dense): GFLOP/s "
+                           "of each GEMM shape at 1 thread and --threads, the 9 GEMMs per expert in layer order, and "
+                           "the bound they put on ours/dense")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
     args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.repeat > 1 and (args.crossover or args.breakdown or args.roofline):
         ap.error("--repeat applies to the comparison, not to --crossover, --breakdown or --roofline")
     presets = [p for p in args.preset_size.split(",") if p]
     if not presets or any(p not in PRESET_SIZES for p in presets):
         ap.error(f"--preset-size: {args.preset_size!r}; choose from {', '.join(PRESET_SIZES)} (comma list)")
-
-    from moe.config import parse_overrides
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    try:
+        cfgs = {p: bench_config(p, **parse_overrides(args.set)) for p in presets}
+    except ValueError as e:  # parse_overrides names --set; an impossible config names only its fields
+        ap.error(str(e) if str(e).startswith("--set") else f"--set: {e}")
 
     torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    overrides = parse_overrides(args.set)
-    cfgs = {p: bench_config(p, **overrides) for p in presets}
+    dtype = DTYPES[args.dtype]
     sizes = args.sizes
     meta = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(device),

@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe.accounting import count_params  # noqa: E402
 from moe.balance import update_bias  # noqa: E402
-from moe.config import ModelConfig, dense_baseline, get_preset, parse_overrides  # noqa: E402
-from moe.device import autocast  # noqa: E402
+from moe.cli import config_from, non_negative_int, one_of, positive_int  # noqa: E402
+from moe.config import CHOICES, ModelConfig, dense_baseline  # noqa: E402
+from moe.device import autocast, resolve_device  # noqa: E402
 from moe.layer import reset_routing_stats, routing_stats  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from moe.train import TrainConfig, build_optimizer  # noqa: E402
@@ -106,33 +107,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+
+
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change a ModelConfig field")
-    ap.add_argument("--impls", default="auto,grouped", help="expert_impl values for the MoE model")
-    ap.add_argument("--segment", type=int, default=1, metavar="M",
+    ap.add_argument("--impls", type=one_of(CHOICES["expert_impl"]), default="auto,grouped",
+                    help="expert_impl values for the MoE model (comma list)")
+    ap.add_argument("--segment", type=positive_int, default=1, metavar="M",
                     help="fine-grained experts (DeepSeekMoE's segmentation): each routed expert split into M of "
                          "width moe_inter_dim/M, M times as many chosen per token; same parameters and FLOPs")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--seq-len", type=positive_int, default=128)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    ap.add_argument("--fp8", default="", metavar="RECIPES",
+    ap.add_argument("--fp8", type=one_of(CHOICES["fp8"], empty_ok=True), default="", metavar="RECIPES",
                     help="also time the MoE model with these simulated FP8 recipes (moe/fp8.py), e.g. blockwise")
     ap.add_argument("--profile", action="store_true",
                     help="instead: profile 5 steps of the first MoE entry and of dense, and list the ops where the "
                          "MoE step spends more (what routing costs beyond the FFN matmuls)")
-    ap.add_argument("--profile-rows", type=int, default=25)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per entry per round")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile-rows", type=positive_int, default=25)
+    ap.add_argument("--rounds", type=positive_int, default=5)
+    ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per entry per round")
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
     args = ap.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    cfg = config_from(ap, args.preset, args.set)
+    if cfg.moe_inter_dim % args.segment:
+        ap.error(f"--segment {args.segment}: must divide moe_inter_dim={cfg.moe_inter_dim}")
+    if args.seq_len > cfg.max_seq_len:
+        ap.error(f"--seq-len {args.seq_len}: longer than the model's max_seq_len={cfg.max_seq_len}")
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cfg = segment(get_preset(args.preset).replace(**parse_overrides(args.set)), args.segment)
+    cfg = segment(cfg, args.segment)
     configs = {f"moe[{impl}]": cfg.replace(expert_impl=impl) for impl in args.impls.split(",") if impl}
     for recipe in filter(None, args.fp8.split(",")):
         configs[f"moe+fp8={recipe}"] = cfg.replace(fp8=recipe)

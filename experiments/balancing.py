@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from moe import plots  # noqa: E402
 from moe.balance import MODES, mode_fields  # noqa: E402
 from moe.checkpoint import load_checkpoint, load_model, read_metrics  # noqa: E402
+from moe.cli import out_folder, positive_int  # noqa: E402
 from moe.config import PRESETS, ModelConfig, atomic_write_text  # noqa: E402
 from moe.data import domain_ids, domain_spans, eval_starts, load_corpus, windows  # noqa: E402
 from moe.experts import expert_capacity  # noqa: E402
@@ -326,11 +327,14 @@ def table(res: dict, modes: list[str], window: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/balancing", help="output folder")
+    ap.add_argument("--out", type=out_folder, default="runs/balancing", help="output folder")
     ap.add_argument("--quick", action="store_true", help="a few steps of every run, one seed (CI)")
-    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {Settings.steps})")
-    ap.add_argument("--seeds", type=int, default=None, help=f"seeds per compared mode (default {Settings.seeds})")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained in parallel, one thread each (default 1)")
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help=f"optimizer steps per run (default {Settings.steps})")
+    ap.add_argument("--seeds", type=positive_int, default=None,
+                    help=f"seeds per compared mode (default {Settings.seeds})")
+    ap.add_argument("--jobs", type=positive_int, default=1,
+                    help="runs trained in parallel, one thread each (default 1)")
     ap.add_argument("--reuse", action="store_true",
                     help="do not retrain runs already finished in OUT/runs with the same configs (re-analyse)")
     args = ap.parse_args(argv)
@@ -339,8 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         s = dataclasses.replace(s, steps=args.steps, window=min(s.window, max(1, args.steps // 4)))
     if args.seeds is not None:
         s = dataclasses.replace(s, seeds=args.seeds)
-    if s.steps <= 0 or s.seeds <= 0 or s.jobs <= 0:
-        ap.error("--steps, --seeds and --jobs must be positive integers")
     os.makedirs(args.out, exist_ok=True)
     corpus = load_corpus(None, s.seq_len)
     base = PRESETS["toy"]

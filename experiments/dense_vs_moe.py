@@ -46,9 +46,10 @@ from tqdm.auto import tqdm  # noqa: E402
 from moe import accounting as acc  # noqa: E402
 from moe import plots  # noqa: E402
 from moe.checkpoint import read_metrics  # noqa: E402
-from moe.config import ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
+from moe.cli import non_negative_int, out_folder, positive_float, positive_int  # noqa: E402
+from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
 from moe.data import get_batch, load_corpus  # noqa: E402
-from moe.device import cpu_name  # noqa: E402
+from moe.device import cpu_name, resolve_device  # noqa: E402
 from moe.train import TrainConfig, train  # noqa: E402
 
 LN2 = math.log(2.0)
@@ -76,13 +77,17 @@ def model_configs(base: ModelConfig, names: list[str]) -> dict[str, ModelConfig]
     return {n: build[n]() for n in names}
 
 
+def train_config(args: argparse.Namespace, seed: int, work: str) -> TrainConfig:
+    return TrainConfig(out=work, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                       min_lr=args.lr / 10, warmup_steps=min(30, max(1, args.steps // 10)),
+                       eval_interval=args.eval_interval, eval_windows=args.eval_windows, save_interval=0, seed=seed,
+                       device=args.device, threads=args.threads, data=args.data, progress=False, plots=False,
+                       overwrite=True)
+
+
 def run_one(cfg: ModelConfig, seed: int, args: argparse.Namespace, work: str) -> dict[str, Any]:
     """Train one model with one seed; its eval curve, final losses, speed and expert load."""
-    tc = TrainConfig(out=work, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                     min_lr=args.lr / 10, warmup_steps=min(30, max(1, args.steps // 10)),
-                     eval_interval=args.eval_interval, eval_windows=args.eval_windows, save_interval=0, seed=seed,
-                     device=args.device, threads=args.threads, data=args.data, progress=False, plots=False,
-                     overwrite=True)
+    tc = train_config(args, seed, work)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 (train prints each eval)
         result = train(tc, cfg)
@@ -215,45 +220,61 @@ def draw(res: dict[str, Any], out: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/dense_vs_moe", help="output folder (default: %(default)s)")
+    ap.add_argument("--out", type=out_folder, default="runs/dense_vs_moe", help="output folder (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="CI-sized: 16 steps of 4x64 tokens, 2 seeds")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list from {','.join(MODELS)}")
-    ap.add_argument("--preset", default="toy", help="base MoE preset (default: toy)")
+    ap.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="base MoE preset (default: toy)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change the base MoE config (the dense models follow it), e.g. --set n_routed_experts=16")
     ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate; the cosine ends at lr/10")
-    ap.add_argument("--eval-interval", type=int, default=50)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--steps", type=positive_int, default=400, help="optimizer steps per run (default: %(default)s)")
+    ap.add_argument("--batch-size", type=positive_int, default=4)
+    ap.add_argument("--seq-len", type=positive_int, default=128)
+    ap.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate; the cosine ends at lr/10")
+    ap.add_argument("--eval-interval", type=non_negative_int, default=50, help="0 = at the end only")
+    ap.add_argument("--eval-windows", type=positive_int, default=64)
     ap.add_argument("--data", default=None, help="a UTF-8 text file instead of the embedded corpus")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the toy's matmuls are small)")
+    ap.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="CPU threads (default 1: the toy's matmuls are small)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.seq_len, args.eval_interval, args.eval_windows = 16, 64, 8, 8
         if args.seeds == ap.get_default("seeds"):
             args.seeds = "0,1"
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    bad = [n for n in names if n not in MODELS]
-    if bad or not names:
-        ap.error(f"--models: unknown {bad or names}; allowed: {', '.join(MODELS)}")
+    if not names or not set(names) <= set(MODELS) or len(set(names)) < len(names):
+        ap.error(f"--models: expected a comma list of distinct names, got {args.models!r}; "
+                 f"allowed: {', '.join(MODELS)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
-        ap.error(f"--seeds must be a comma list of integers, got {args.seeds!r}")
-    for flag in ("steps", "batch_size", "seq_len", "eval_windows", "threads"):
-        if getattr(args, flag) <= 0:
-            ap.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        ap.error(f"--seeds: expected a comma list of integers >= 0, got {args.seeds!r}")
     try:
         base = get_preset(args.preset).replace(**parse_overrides(args.set))
         cfgs = model_configs(base, names)
     except ValueError as e:
         ap.error(str(e))
+    # every check a run would make, before the first one starts
+    max_seq_len = min(c.max_seq_len for c in cfgs.values())
+    if args.seq_len > max_seq_len:
+        ap.error(f"--seq-len {args.seq_len} exceeds the model's max_seq_len ({max_seq_len})")
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    try:
+        for seed in seeds:
+            train_config(args, seed, args.out).validate()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        corpus = load_corpus(args.data, args.seq_len)
+    except (OSError, ValueError) as e:
+        ap.error(f"--data: {e}")
 
-    corpus = load_corpus(args.data, args.seq_len)
     tokens = args.steps * args.batch_size * args.seq_len
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": cpu_name(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe import accounting as acc  # noqa: E402
 from moe import fp8, plots  # noqa: E402
+from moe.cli import non_negative_int, out_folder, positive_int  # noqa: E402
 from moe.config import PRESETS  # noqa: E402
 from moe.device import cpu_name  # noqa: E402
 
@@ -198,23 +199,22 @@ def memory_panels() -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/fp8", help="output folder")
+    ap.add_argument("--out", type=out_folder, default="runs/fp8", help="output folder")
     ap.add_argument("--quick", action="store_true", help="CI size: small tensors, a few steps, one seed")
-    ap.add_argument("--steps", type=int, default=None, help="toy training steps per run (default 400; quick 6)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per recipe (default 3; quick 1)")
-    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel, 1 thread each (default 2; quick 1)")
-    ap.add_argument("--autocast-steps", type=int, default=None,
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="toy training steps per run (default 400; quick 6)")
+    ap.add_argument("--seeds", type=positive_int, default=None, help="seeds per recipe (default 3; quick 1)")
+    ap.add_argument("--jobs", type=positive_int, default=None,
+                    help="runs in parallel, 1 thread each (default 2; quick 1)")
+    ap.add_argument("--autocast-steps", type=non_negative_int, default=None,
                     help="steps of the real bf16-autocast check, 0 = skip (default 100; quick 0): slow on "
                          "CPUs without native bf16")
     args = ap.parse_args(argv)
-    q = args.quick
-    steps = args.steps or (6 if q else 400)
-    seeds = args.seeds or (1 if q else 3)
-    jobs = args.jobs or (1 if q else 2)
+    q = args.quick  # a flag left out (None) takes its default; a given one is checked by its type
+    steps = args.steps if args.steps is not None else (6 if q else 400)
+    seeds = args.seeds if args.seeds is not None else (1 if q else 3)
+    jobs = args.jobs if args.jobs is not None else (1 if q else 2)
     autocast_steps = args.autocast_steps if args.autocast_steps is not None else (0 if q else 100)
-    for flag, v in (("--steps", steps), ("--seeds", seeds), ("--jobs", jobs)):
-        if v <= 0:
-            raise SystemExit(f"error: {flag} must be a positive integer, got {v}")
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()

@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from moe.cli import out_folder, positive_int  # noqa: E402
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 DEEPSEEK = dict(vocab_size=300, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4,
@@ -92,9 +94,9 @@ def measure(arch: str, settings: dict, seq_len: int, new_tokens: int, seed: int 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/interop", help="output folder")
+    ap.add_argument("--out", type=out_folder, default="runs/interop", help="output folder")
     ap.add_argument("--quick", action="store_true", help="64 positions and 10 generated tokens instead of 120 and 20")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (tiny models: 1 is fastest)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seq_len, new_tokens = (64, 10) if args.quick else (120, 20)

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from moe import plots  # noqa: E402
 from moe.checkpoint import read_metrics  # noqa: E402
-from moe.config import ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
+from moe.cli import non_negative_int, out_folder, positive_float, positive_int  # noqa: E402
+from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
 from moe.data import Corpus, eval_starts, load_corpus, windows  # noqa: E402
 from moe.device import cpu_name  # noqa: E402
 from moe.generate import generate, speculative_generate  # noqa: E402
@@ -257,24 +258,25 @@ def format_table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/mtp", help="output folder (default: %(default)s)")
+    ap.add_argument("--out", type=out_folder, default="runs/mtp", help="output folder (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="CI-sized: 16 steps, 2 seeds, 2 short prompts")
     ap.add_argument("--depths", default="0,1,2", help="n_mtp values to train (default: %(default)s)")
-    ap.add_argument("--preset", default="toy")
+    ap.add_argument("--preset", default="toy", choices=sorted(PRESETS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the base config")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-interval", type=int, default=50)
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts for decoding (default: %(default)s)")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new", type=int, default=96, help="new tokens per prompt (default: %(default)s)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: %(default)s)")
+    ap.add_argument("--steps", type=positive_int, default=400)
+    ap.add_argument("--batch-size", type=positive_int, default=4)
+    ap.add_argument("--seq-len", type=positive_int, default=128)
+    ap.add_argument("--lr", type=positive_float, default=2e-3)
+    ap.add_argument("--eval-interval", type=non_negative_int, default=50, help="0 = at the end only")
+    ap.add_argument("--eval-windows", type=positive_int, default=64)
+    ap.add_argument("--prompts", type=positive_int, default=8,
+                    help="held-out prompts for decoding (default: %(default)s)")
+    ap.add_argument("--prompt-len", type=positive_int, default=32)
+    ap.add_argument("--new", type=positive_int, default=96, help="new tokens per prompt (default: %(default)s)")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="interleaved timing rounds (default: %(default)s)")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.quick:
@@ -282,34 +284,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.prompts, args.prompt_len, args.new, args.rounds = 2, 16, 24, 1
         if args.seeds == ap.get_default("seeds"):
             args.seeds = "0,1"
-    try:
-        depths = [int(d) for d in args.depths.split(",")]
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        ap.error("--depths and --seeds must be comma lists of integers")
-    if any(d < 0 or d > 2 for d in depths):
-        ap.error(f"--depths: n_mtp values must be 0, 1 or 2, got {depths}")
-    for flag in ("steps", "batch_size", "seq_len", "eval_windows", "prompts", "prompt_len", "new", "rounds",
-                 "threads"):
-        if getattr(args, flag) <= 0:
-            ap.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    depths, seeds = int_list(args.depths), int_list(args.seeds)
+    if not depths or len(set(depths)) < len(depths) or not set(depths) <= {0, 1, 2}:
+        ap.error(f"--depths: n_mtp values must be 0, 1 or 2, a comma list without repeats, got {args.depths!r}")
+    if not seeds or min(seeds) < 0:
+        ap.error(f"--seeds: expected a comma list of integers >= 0, got {args.seeds!r}")
     try:
         base = get_preset(args.preset).replace(**parse_overrides(args.set))
     except ValueError as e:
         ap.error(str(e))
     if args.prompt_len + args.new > base.max_seq_len:
         ap.error(f"--prompt-len + --new ({args.prompt_len + args.new}) exceeds max_seq_len ({base.max_seq_len})")
+    if args.seq_len > base.max_seq_len:  # every check a run would make, before the first one starts
+        ap.error(f"--seq-len {args.seq_len} exceeds the model's max_seq_len ({base.max_seq_len})")
+    try:
+        for seed in seeds:
+            train_config(args, seed, args.out).validate()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        corpus = load_corpus(args.data, args.seq_len)
+    except (OSError, ValueError) as e:
+        ap.error(f"--data: {e}")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return run(args, base, depths, seeds)
+        return run(args, base, depths, seeds, corpus)
     finally:
         torch.set_num_threads(threads)
 
 
-def run(args: argparse.Namespace, base: ModelConfig, depths: list[int], seeds: list[int]) -> dict[str, Any]:
-    corpus = load_corpus(args.data, args.seq_len)
+def int_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; [] when it is not a comma list of integers."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        return []
+
+
+def train_config(args: argparse.Namespace, seed: int, work: str) -> TrainConfig:
+    return TrainConfig(out=work, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                       min_lr=args.lr / 10, warmup_steps=min(30, max(1, args.steps // 10)),
+                       eval_interval=args.eval_interval, eval_windows=args.eval_windows, save_interval=0, seed=seed,
+                       device="cpu", threads=args.threads, data=args.data, progress=False, plots=False,
+                       overwrite=True)
+
+
+def run(args: argparse.Namespace, base: ModelConfig, depths: list[int], seeds: list[int],
+        corpus: Corpus) -> dict[str, Any]:
     prompts = held_out_prompts(corpus, args.prompts, args.prompt_len, args.new)
     tokens = args.steps * args.batch_size * args.seq_len
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": cpu_name(),
@@ -325,13 +348,8 @@ def run(args: argparse.Namespace, base: ModelConfig, depths: list[int], seeds: l
         for seed in seeds:
             for d in depths:
                 work = os.path.join(tmp, f"n_mtp_{d}-s{seed}")
-                tc = TrainConfig(out=work, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                 lr=args.lr, min_lr=args.lr / 10, warmup_steps=min(30, max(1, args.steps // 10)),
-                                 eval_interval=args.eval_interval, eval_windows=args.eval_windows, save_interval=0,
-                                 seed=seed, device="cpu", threads=args.threads, data=args.data, progress=False,
-                                 plots=False, overwrite=True)
                 with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 (train prints each eval)
-                    result = train(tc, base.replace(n_mtp=d))
+                    result = train(train_config(args, seed, work), base.replace(n_mtp=d))
                 records = read_metrics(work)
                 atomic_write_text(os.path.join(args.out, "metrics", f"n_mtp_{d}-s{seed}.jsonl"),
                                   "".join(json.dumps(r) + "\n" for r in records))

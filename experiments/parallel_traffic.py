@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from moe import plots  # noqa: E402
 from moe.accounting import ep_traffic, human  # noqa: E402
+from moe.cli import out_folder  # noqa: E402
 from moe.config import PRESETS  # noqa: E402
 from moe.router import Router  # noqa: E402
 
@@ -48,7 +49,7 @@ def dispatch_example(n_ranks: int = 2, tokens_per_rank: int = 4, seed: int = 1) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/parallel")
+    ap.add_argument("--out", type=out_folder, default="runs/parallel")
     ap.add_argument("--quick", action="store_true", help="fewer EP sizes (CI)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe import accounting as acc  # noqa: E402
 from moe import plots  # noqa: E402
+from moe.cli import out_folder  # noqa: E402
 from moe.config import PRESETS, ModelConfig  # noqa: E402
 
 # A dense 7B model with LLaMA-7B's shapes, for the "7B runs on consumer hardware" claim
@@ -99,7 +100,7 @@ def draw(res: dict, out_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/savings", help="output folder")
+    ap.add_argument("--out", type=out_folder, default="runs/savings", help="output folder")
     ap.add_argument("--quick", action="store_true", help="skip the meta-device build check (CI)")
     args = ap.parse_args(argv)
     res = collect(check_meta=not args.quick)
