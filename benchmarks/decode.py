@@ -79,10 +79,6 @@ def entries_for(impls: list[str], configs: dict[str, ModelConfig], trained: Tran
     return out
 
 
-
-
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="toy")
@@ -116,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a folder we cannot read
             ap.error(f"--checkpoint: {e}")
     limit = (trained.cfg if trained is not None else base).max_seq_len
-    if args.prompt_len >= limit:
-        ap.error(f"--prompt-len {args.prompt_len}: must be < the model's max_seq_len={limit} (room for a new token)")
+    if args.prompt_len + args.new > limit:  # generation would stop early and time fewer tokens than asked
+        ap.error(f"--prompt-len + --new ({args.prompt_len} + {args.new}) exceeds the model's max_seq_len={limit}")
 
     torch.set_num_threads(args.threads)
     entries = entries_for(args.impls.split(","), configs, trained, device)

@@ -98,8 +98,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="EP step time on 1, 2, 4 CPU processes")
     ap.add_argument("--worlds", default="1,2,4", help="process counts, comma-separated",

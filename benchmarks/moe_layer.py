@@ -282,7 +282,6 @@ def time_interleaved(entries: dict[str, nn.Module], x: torch.Tensor, gout: torch
     return times
 
 
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -738,10 +737,6 @@ def minor_page_faults() -> int:
 
 def meta_line(device: torch.device, dtype: torch.dtype) -> str:
     return f"{device_name(device)}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
-
-
-
-
 
 
 POSITIVE = re.compile("[1-9][0-9]*")

@@ -107,10 +107,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-
-
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="toy")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe.config import ModelConfig, atomic_write_text, fsync_dir, replace_dir, with_umask
+from moe.config import ModelConfig, aside_origin, atomic_write_text, fsync_dir, remove_path, replace_dir, with_umask
 from moe.device import resolve_device
 
 CHECKPOINT_FORMAT = 1
@@ -132,10 +132,20 @@ def check_out_dir(out: str, flag: str = "--out") -> None:
 
 
 def remove_stale_tmp(out: str) -> list[str]:
-    """Delete half-written checkpoint folders a killed process left (call with the lock held)."""
-    stale = [e for e in os.listdir(out) if e.startswith(TMP_PREFIX) and os.path.isdir(os.path.join(out, e))]
-    for entry in stale:
-        shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
+    """Delete half-written checkpoint folders a killed process left (call with the lock held).
+
+    A checkpoint replace_dir had moved aside goes back to its name if a kill came between its two
+    renames (nothing is there: LATEST may name it), else it is deleted.
+    """
+    stale = []
+    for entry in os.listdir(out):
+        p = os.path.join(out, entry)
+        origin = aside_origin(entry) or ""
+        if origin.startswith("ckpt-") and not os.path.lexists(os.path.join(out, origin)):
+            os.rename(p, os.path.join(out, origin))  # killed between replace_dir's two renames: put it back
+        elif origin.startswith("ckpt-") or entry.startswith(TMP_PREFIX) and os.path.isdir(p):
+            remove_path(p)
+            stale.append(entry)
     return stale
 
 
@@ -143,8 +153,9 @@ def clear_run(out: str) -> None:
     """Delete a run's checkpoints, LATEST and metrics (for --overwrite, after every check passed)."""
     for entry in os.listdir(out):
         p = os.path.join(out, entry)
-        if entry.startswith(("ckpt-", TMP_PREFIX)) and os.path.isdir(p):
-            shutil.rmtree(p)
+        replaced = (aside_origin(entry) or "").startswith("ckpt-")  # a checkpoint replace_dir moved aside
+        if entry.startswith(("ckpt-", TMP_PREFIX)) and os.path.isdir(p) or replaced:
+            remove_path(p)
         elif entry in ("LATEST", "metrics.jsonl"):
             os.unlink(p)
 
@@ -274,8 +285,11 @@ def resolve_checkpoint(path: str) -> str:
         raise FileNotFoundError(f"no checkpoint in {path} (no LATEST file): train one first with "
                                 f"python -m moe train --out {path}")
     if not os.path.isdir(latest):
-        raise FileNotFoundError(f"{os.path.join(path, 'LATEST')} names {os.path.basename(latest)}, "
-                                "which is missing")
+        name = os.path.basename(latest)
+        asides = sorted(e for e in os.listdir(path) if aside_origin(e) == name)
+        hint = f" (a process killed while replacing it left the old copy as {asides[-1]}: rename it back)" \
+            if asides else ""
+        raise FileNotFoundError(f"{os.path.join(path, 'LATEST')} names {name}, which is missing{hint}")
     return latest
 
 

@@ -7,6 +7,7 @@ switched on by a magic size (the reference enables its routing bias only when di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -303,18 +304,38 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     src, dst = os.fspath(src), os.fspath(dst)
     parent = os.path.dirname(os.path.abspath(dst))
     aside = None
-    if os.path.exists(dst):
-        aside = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(dst)}-")
-        os.replace(dst, aside)  # a folder may replace an empty one
+    if os.path.lexists(dst):
+        aside = os.path.join(parent, f"{ASIDE_PREFIX}{os.path.basename(os.path.normpath(dst))}-{os.urandom(4).hex()}")
+        os.rename(dst, aside)  # a fresh name: never onto anything (dst may also be a file or a link)
     try:
         os.replace(src, dst)
     except BaseException:
         if aside is not None:
-            os.replace(aside, dst)
+            os.rename(aside, dst)
         raise
     fsync_dir(parent)
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        remove_path(aside)
+
+
+# replace_dir's name for the folder it moves aside: ASIDE_PREFIX + the folder's name + "-" + 8 hex digits
+ASIDE_PREFIX = ".old-"
+
+
+def aside_origin(entry: str) -> str | None:
+    """The name a folder replace_dir moved aside had (None for any other name)."""
+    if not entry.startswith(ASIDE_PREFIX) or entry.count("-") < 2:
+        return None
+    return entry[len(ASIDE_PREFIX):].rsplit("-", 1)[0]
+
+
+def remove_path(path: str) -> None:
+    """Delete a folder tree, or a file or link (never what a link points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

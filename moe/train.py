@@ -48,7 +48,6 @@ from moe.checkpoint import (
     load_weights,
     read_metrics,
     remove_stale_tmp,
-    resolve_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
@@ -584,8 +583,9 @@ def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = 
 
 def run_train(args: argparse.Namespace) -> int:
     saved = None
-    if args.resume:  # a --set on resume changes the run's config, so a refusal names only what it changed
-        saved = ModelConfig.load(os.path.join(resolve_checkpoint(args.resume), "config.json"))
+    if args.resume and not (args.config or args.preset) and (args.set or args.balance):
+        # --set/--balance change the run's own config (checked first), so a refusal names only what they changed
+        saved = load_checkpoint(args.resume).config
     cfg = model_config_from_args(args, saved)
     if args.resume:
         if args.out and os.path.normpath(args.out) != os.path.normpath(args.resume):

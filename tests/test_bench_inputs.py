@@ -50,7 +50,7 @@ BAD = [
            ("--set n_heads=3 --attn mha", "--attn"), ("--impls xyz", "--impls"),
            ("--checkpoint /nonexist", "--checkpoint"), ("--checkpoint /etc/passwd", "--checkpoint"),
            ("--prompt-len 0", "--prompt-len"), ("--prompt-len 100000", "--prompt-len"),
-           ("--prompt-len 256", "--prompt-len"), ("--new -1", "--new"),
+           ("--prompt-len 256", "--prompt-len"), ("--prompt-len 200 --new 100", "--new"), ("--new -1", "--new"),
            ("--device xyz", "--device"), ("--device cuda", "--device", NO_CUDA),
            ("--threads 0", "--threads"), ("--rounds 0", "--rounds")),
     *cases("ep_step",

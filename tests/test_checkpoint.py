@@ -266,6 +266,42 @@ def test_replace_dir_swaps_folders_and_puts_the_old_back_on_failure(tmp_path, mo
     assert (dst / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_replace_dir_over_a_file_or_a_link_leaves_nothing_aside(tmp_path, kind):
+    src, dst = tmp_path / "new", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_text("new")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep").write_text("kept")
+    if kind == "file":
+        dst.write_text("old")
+    else:
+        dst.symlink_to(target)
+    config_mod.replace_dir(src, dst)
+    assert (dst / "f").read_text() == "new" and not dst.is_symlink()
+    assert (target / "keep").read_text() == "kept"  # what the link pointed to is not deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "target"]
+
+
+def test_a_checkpoint_left_aside_by_a_kill_is_put_back_or_removed(tmp_path):
+    """A kill between replace_dir's two renames leaves LATEST naming a missing folder and the old copy aside:
+    loading says where it is, the next train puts it back, and --overwrite removes leftovers."""
+    out = str(tmp_path / "run")
+    _weights_only(out, "first")
+    aside = os.path.join(out, config_mod.ASIDE_PREFIX + "ckpt-00000000-0123abcd")
+    os.rename(os.path.join(out, "ckpt-00000000"), aside)
+    with pytest.raises(FileNotFoundError, match=r"left the old copy as \.old-ckpt-00000000-0123abcd"):
+        load_checkpoint(out)
+    assert ckpt_mod.remove_stale_tmp(out) == []
+    assert load_checkpoint(out).train_config["source"] == "first"
+    os.makedirs(aside)  # a leftover beside a complete checkpoint: stale
+    assert ckpt_mod.remove_stale_tmp(out) == [os.path.basename(aside)] and not os.path.exists(aside)
+    os.makedirs(aside)
+    ckpt_mod.clear_run(out)
+    assert os.listdir(out) == []
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
 def test_a_failing_streaming_writer_closes_its_file(tmp_path, monkeypatch):
     import errno

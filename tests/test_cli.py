@@ -185,6 +185,18 @@ def test_resume_errors(run_dir, tmp_path, capsys):
     assert code == 2 and "config file not found" in stderr
 
 
+def test_resume_of_a_damaged_checkpoint_names_the_checkpoint_file(run_dir, tmp_path, capsys):
+    """With or without --set, the checkpoint is verified before its config is read."""
+    import shutil
+
+    damaged = str(tmp_path / "run")
+    shutil.copytree(run_dir, damaged)
+    os.unlink(os.path.join(damaged, "ckpt-00000004", "config.json"))
+    for extra in ([], ["--set", "bias_update_speed=0.01"]):
+        code, _, stderr = run(["train", "--resume", damaged, "--steps", "6", *extra], capsys)
+        assert code == 2 and "checkpoint file missing" in stderr and "config.json" in stderr, stderr
+
+
 def test_training_into_an_existing_run_needs_a_choice(run_dir, files, capsys):
     code, _, stderr = run(["train", "--config", files["cfg"], "--data", files["text"], "--out", run_dir, *FAST],
                           capsys)

@@ -125,14 +125,14 @@ def test_resume_trains_with_the_weight_decay_and_betas_it_is_given(tmp_path, mon
     real = train_mod.build_optimizer
     monkeypatch.setattr(train_mod, "build_optimizer", lambda model, tc: built.append(real(model, tc)) or built[-1])
     train(tiny_run(tmp_path, steps=4, stop_at=2, weight_decay=0.1), TINY)
-    tc = tiny_run(tmp_path, steps=4, weight_decay=0.0, beta1=0.8, beta2=0.9)
+    tc = tiny_run(tmp_path, steps=4, weight_decay=0.05, beta1=0.8, beta2=0.9)
     train(tc, resume=True)
     groups = built[-1].param_groups
-    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # matrices decay, norms and biases do not
     assert all(tuple(g["betas"]) == (0.8, 0.9) for g in groups)
     assert built[-1].state  # the moments were restored all the same
     saved = json.loads((pathlib.Path(tc.out) / "ckpt-00000004" / "train.json").read_text())
-    assert (saved["weight_decay"], saved["beta1"], saved["beta2"]) == (0.0, 0.8, 0.9)
+    assert (saved["weight_decay"], saved["beta1"], saved["beta2"]) == (0.05, 0.8, 0.9)
 
 
 def test_resume_of_a_checkpoint_folder_is_refused_untouched(tmp_path):
