@@ -67,7 +67,7 @@ class Trainer:
 def segment(cfg: ModelConfig, m: int) -> ModelConfig:
     """Split every expert into m narrower ones: m times as many routed (and chosen per token) and shared."""
     if m < 1 or cfg.moe_inter_dim % m:
-        raise SystemExit(f"error: --segment {m}: must be >= 1 and divide moe_inter_dim={cfg.moe_inter_dim}")
+        raise ValueError(f"--segment {m}: must be >= 1 and divide moe_inter_dim={cfg.moe_inter_dim}")
     if m == 1:
         return cfg
     return cfg.replace(n_routed_experts=cfg.n_routed_experts * m, n_activated_experts=cfg.n_activated_experts * m,
@@ -136,13 +136,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as e:
         ap.error(f"--device: {e}")
     cfg = config_from(ap, args.preset, args.set)
-    if cfg.moe_inter_dim % args.segment:
-        ap.error(f"--segment {args.segment}: must divide moe_inter_dim={cfg.moe_inter_dim}")
+    try:
+        cfg = segment(cfg, args.segment)
+    except ValueError as e:
+        ap.error(str(e))
     if args.seq_len > cfg.max_seq_len:
         ap.error(f"--seq-len {args.seq_len}: longer than the model's max_seq_len={cfg.max_seq_len}")
 
     torch.set_num_threads(args.threads)
-    cfg = segment(cfg, args.segment)
     configs = {f"moe[{impl}]": cfg.replace(expert_impl=impl) for impl in args.impls.split(",") if impl}
     for recipe in filter(None, args.fp8.split(",")):
         configs[f"moe+fp8={recipe}"] = cfg.replace(fp8=recipe)

@@ -583,7 +583,7 @@ def test_train_step_segment_keeps_parameters_and_flops_and_times_the_dense_twin(
     assert f["params_active"] - p["params_active"] == f["params_total"] - p["params_total"]
     cfg = bench.segment(PRESETS["toy"], 4)
     assert (cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_shared_experts, cfg.moe_inter_dim) == (32, 8, 4, 24)
-    with pytest.raises(SystemExit, match="--segment 5"):
+    with pytest.raises(ValueError, match="--segment 5"):
         bench.segment(PRESETS["toy"], 5)
 
 
