@@ -582,20 +582,19 @@ def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = 
 
 
 def run_train(args: argparse.Namespace) -> int:
-    saved = None
-    if args.resume and not (args.config or args.preset) and (args.set or args.balance):
-        # --set/--balance change the run's own config (checked first), so a refusal names only what they changed
-        saved = load_checkpoint(args.resume).config
-    cfg = model_config_from_args(args, saved)
     if args.resume:
         if args.out and os.path.normpath(args.out) != os.path.normpath(args.resume):
             raise ValueError(f"--resume {args.resume} continues in its own folder; drop --out {args.out}")
-        ckpt = load_checkpoint(args.resume, expect_config=cfg)
+        ckpt = load_checkpoint(args.resume)
+        # --set/--balance change the run's own config, so train's check against the checkpoint names only what
+        # they changed
+        cfg = model_config_from_args(args, ckpt.config)
         base = TrainConfig.from_dict(ckpt.train_config)
         # how the run was launched is not kept: a resume runs as it is launched now
         base = dataclasses.replace(base, out=args.resume, stop_at=None, overwrite=False, parallel="none",
                                    ep_size=None)
     else:
+        cfg = model_config_from_args(args)
         base = TrainConfig(out=args.out or "runs/train", overwrite=args.overwrite)
     changes = {f: getattr(args, a) for a, f in _TRAIN_FLAGS.items() if getattr(args, a) is not None}
     if args.no_progress:
