@@ -46,9 +46,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from moe import accounting as acc  # noqa: E402
 from moe import plots  # noqa: E402
 from moe.checkpoint import read_metrics  # noqa: E402
-from moe.cli import non_negative_int, out_folder, positive_float, positive_int  # noqa: E402
+from moe.cli import non_negative_int, out_folder, positive_float, positive_int, training_inputs  # noqa: E402
 from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
-from moe.data import get_batch, load_corpus  # noqa: E402
+from moe.data import Corpus, get_batch  # noqa: E402
 from moe.device import cpu_name, resolve_device  # noqa: E402
 from moe.train import TrainConfig, train  # noqa: E402
 
@@ -107,7 +107,7 @@ def run_one(cfg: ModelConfig, seed: int, args: argparse.Namespace, work: str) ->
     return run
 
 
-def interleaved_step_seconds(cfgs: dict[str, ModelConfig], args: argparse.Namespace, rounds: int,
+def interleaved_step_seconds(cfgs: dict[str, ModelConfig], args: argparse.Namespace, corpus: Corpus, rounds: int,
                              steps: int) -> dict[str, float]:
     """Median seconds per training step of each model, the models taking turns step by step.
 
@@ -116,7 +116,6 @@ def interleaved_step_seconds(cfgs: dict[str, ModelConfig], args: argparse.Namesp
     """
     from benchmarks.train_step import Trainer  # one step as moe.train takes it (no data, eval, saving)
 
-    corpus = load_corpus(args.data, args.seq_len)
     batches = [get_batch(corpus.train, args.batch_size, args.seq_len, 0, i) for i in range(steps)]
     device = torch.device(args.device)
     trainers = {name: Trainer(cfg, device, compile=False) for name, cfg in cfgs.items()}
@@ -265,15 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.device = str(resolve_device(args.device))
     except ValueError as e:
         ap.error(f"--device: {e}")
-    try:
-        for seed in seeds:
-            train_config(args, seed, args.out).validate()
-    except ValueError as e:
-        ap.error(str(e))
-    try:
-        corpus = load_corpus(args.data, args.seq_len)
-    except (OSError, ValueError) as e:
-        ap.error(f"--data: {e}")
+    corpus = training_inputs(ap, train_config(args, seeds[0], args.out))  # seeds differ only in a checked field
 
     tokens = args.steps * args.batch_size * args.seq_len
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": cpu_name(),
@@ -300,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # as during training (train() restores the count after each run)
     try:
-        step_s = interleaved_step_seconds(cfgs, args, rounds=2 if args.quick else 10, steps=1 if args.quick else 3)
+        step_s = interleaved_step_seconds(cfgs, args, corpus, rounds=2 if args.quick else 10,
+                                          steps=1 if args.quick else 3)
     finally:
         torch.set_num_threads(threads)
     meta["loadavg_end"] = os.getloadavg()

@@ -43,9 +43,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from moe import plots  # noqa: E402
 from moe.checkpoint import read_metrics  # noqa: E402
-from moe.cli import non_negative_int, out_folder, positive_float, positive_int  # noqa: E402
+from moe.cli import non_negative_int, out_folder, positive_float, positive_int, training_inputs  # noqa: E402
 from moe.config import PRESETS, ModelConfig, atomic_write_text, get_preset, parse_overrides  # noqa: E402
-from moe.data import Corpus, eval_starts, load_corpus, windows  # noqa: E402
+from moe.data import Corpus, eval_starts, windows  # noqa: E402
 from moe.device import cpu_name  # noqa: E402
 from moe.generate import generate, speculative_generate  # noqa: E402
 from moe.model import Transformer  # noqa: E402
@@ -297,15 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--prompt-len + --new ({args.prompt_len + args.new}) exceeds max_seq_len ({base.max_seq_len})")
     if args.seq_len > base.max_seq_len:  # every check a run would make, before the first one starts
         ap.error(f"--seq-len {args.seq_len} exceeds the model's max_seq_len ({base.max_seq_len})")
-    try:
-        for seed in seeds:
-            train_config(args, seed, args.out).validate()
-    except ValueError as e:
-        ap.error(str(e))
-    try:
-        corpus = load_corpus(args.data, args.seq_len)
-    except (OSError, ValueError) as e:
-        ap.error(f"--data: {e}")
+    corpus = training_inputs(ap, train_config(args, seeds[0], args.out))  # seeds differ only in a checked field
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

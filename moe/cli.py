@@ -66,3 +66,18 @@ def out_folder(s: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return s
+
+
+def training_inputs(ap: argparse.ArgumentParser, tc):
+    """tc (a moe.train.TrainConfig) checked and its --data loaded, for scripts that train many runs: a bad
+    one is ap.error (exit 2) before the first run starts. Returns the corpus."""
+    from moe.data import load_corpus
+
+    try:
+        tc.validate()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        return load_corpus(tc.data, tc.seq_len)
+    except (OSError, ValueError) as e:
+        ap.error(f"--data: {e}")
